@@ -1,0 +1,110 @@
+"""klaq-verify: perplexity, KL divergence and top-1 agreement of a package vs its FP16 reference.
+
+One protocol for every system: the evaluation part of the text source (never seen by
+calibration), tokenized once with the *package's* tokenizer, cut into non-overlapping windows of
+``ctx`` tokens; each window is scored from scratch. The same token ids go to the reference
+(transformers, fp16 weights computed in fp32) and to the package (klaq runtime).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from klaq.errors import KlaqError
+from klaq.runtime.package import load_package
+from klaq.toolchain.data import eval_windows, token_split
+
+
+@dataclass
+class VerifyReport:
+    package: str
+    reference: str
+    dataset: str
+    ctx: int
+    windows: int
+    tokens: int
+    ppl_reference: float
+    ppl_package: float
+    ppl_increase: float  # relative
+    kl_mean: float  # mean token KL(reference || package), nats
+    top1_agreement: float
+    max_ppl_increase: float
+    passed: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{verdict}: perplexity {self.ppl_package:.4f} vs reference {self.ppl_reference:.4f} "
+                f"({self.ppl_increase * 100:+.2f}%, limit {self.max_ppl_increase * 100:.2f}%) | "
+                f"KL {self.kl_mean:.4f} nats | top-1 agreement {self.top1_agreement * 100:.2f}% | "
+                f"{self.dataset}, {self.windows} x {self.ctx} tokens")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+class Scores:
+    """Running NLL / KL / top-1 over windows."""
+
+    def __init__(self):
+        self.nll_ref = self.nll_pkg = self.kl = 0.0
+        self.agree = self.n = 0
+
+    def add(self, ref_logits: np.ndarray, pkg_logits: np.ndarray, ids: np.ndarray) -> None:
+        lr, lp = log_softmax(ref_logits[:-1]), log_softmax(pkg_logits[:-1])
+        tgt = ids[1:]
+        rows = np.arange(len(tgt))
+        self.nll_ref -= lr[rows, tgt].sum()
+        self.nll_pkg -= lp[rows, tgt].sum()
+        self.kl += (np.exp(lr) * (lr - lp)).sum()
+        self.agree += int((lr.argmax(-1) == lp.argmax(-1)).sum())
+        self.n += len(tgt)
+
+
+def reference_logits_fn(reference: str):
+    import torch
+
+    from klaq.toolchain.models import load_model
+
+    lm = load_model(reference, dtype="float32")
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return lm.model(torch.from_numpy(ids[None])).logits[0].float().numpy()
+
+    return logits
+
+
+def verify_package(
+    package: str, reference: str, dataset: str = "pydoc", ctx: int = 512, max_ppl_increase: float = 0.05,
+    max_windows: int | None = None, progress: bool = True,
+) -> VerifyReport:
+    if ctx < 2:
+        raise KlaqError("--ctx must be at least 2")
+    t0 = time.perf_counter()
+    pkg = load_package(package)
+    ids = token_split(dataset, pkg.tokenizer.encode, "eval")
+    windows = eval_windows(ids, ctx, max_windows)
+    ref = reference_logits_fn(reference)
+    scores = Scores()
+    for w in tqdm(windows, desc="verify", unit="window", disable=not progress):
+        scores.add(ref(w), pkg.model.forward(w, pkg.model.new_cache(ctx)), w)
+    ppl_ref = float(np.exp(scores.nll_ref / scores.n))
+    ppl_pkg = float(np.exp(scores.nll_pkg / scores.n))
+    inc = ppl_pkg / ppl_ref - 1.0
+    return VerifyReport(
+        package=package, reference=reference, dataset=dataset, ctx=ctx, windows=len(windows), tokens=scores.n,
+        ppl_reference=ppl_ref, ppl_package=ppl_pkg, ppl_increase=inc, kl_mean=scores.kl / scores.n,
+        top1_agreement=scores.agree / scores.n, max_ppl_increase=max_ppl_increase,
+        passed=inc <= max_ppl_increase, seconds=time.perf_counter() - t0,
+    )
