@@ -91,6 +91,9 @@ def generate(
         logits = model.forward([nxt], cache)
         nxt = sample(logits[-1], rng, temperature, top_p)
     decode_s = time.perf_counter() - t1
+    final = tok.decode(out)
+    if stream is not None and final != printed:  # flush an incomplete trailing character
+        stream(final[len(printed):] if final.startswith(printed) else final)
     steps = max(len(out) - 1, 0)  # forward passes after the prefill
     decode_tps = steps / decode_s if steps and decode_s > 0 else 0.0
     wbytes = pkg.file.weight_bytes
@@ -98,5 +101,5 @@ def generate(
         prompt_tokens=len(ids), new_tokens=len(out), load_s=pkg.load_s, ttft_s=ttft,
         prefill_tok_s=len(ids) / ttft if ttft > 0 else 0.0, decode_tok_s=decode_tps,
         peak_rss_mb=peak_rss_mb(), weight_bytes=wbytes, achieved_gbs=wbytes * decode_tps / 1e9,
-        text=tok.decode(out),
+        text=final,
     )

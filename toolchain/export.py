@@ -17,7 +17,7 @@ from klaq.targets.fit import check_fit, kv_cache_bytes
 from klaq.targets.profiles import get_target
 from klaq.toolchain.algorithms.grid import QuantSpec
 from klaq.toolchain.models import LoadedModel, load_model
-from klaq.toolchain.quantize import check_spec, quantize_model
+from klaq.toolchain.quantize import METHODS, check_spec, quantize_model
 
 FORMATS = ("gguf",)
 
@@ -91,6 +91,8 @@ def build_package(lm: LoadedModel, quantized: dict, meta: dict) -> Package:
 def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     if cfg.format not in FORMATS:
         raise KlaqError(f"unknown format {cfg.format!r}; available: {', '.join(FORMATS)}")
+    if cfg.method not in METHODS:
+        raise KlaqError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
     target = get_target(cfg.target)
     spec = QuantSpec(
         bits=cfg.bits if cfg.bits is not None else target.default_bits,

@@ -69,7 +69,10 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
     n, k = w.shape
     gs = spec.groups_for(k)
     gi = torch.arange(k, device=w.device) // gs
-    q = torch.round(w.float() / scale[:, gi]) + zero[:, gi]
+    if spec.sym:
+        q = torch.round(w.float() / scale[:, gi]) + zero[:, gi]
+    else:  # round against the offset the package stores, fp16(z*s), not the exact z*s
+        q = torch.round((w.float() + (zero * scale).half().float()[:, gi]) / scale[:, gi])
     return q.clamp(0, spec.maxq)
 
 

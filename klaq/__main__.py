@@ -1,0 +1,3 @@
+from klaq.cli import main
+
+main(prog_name="klaq")

@@ -1,0 +1,32 @@
+import numpy as np
+
+from klaq.runtime.generate import generate, sample
+from klaq.runtime.package import load_package
+
+
+def test_greedy_generation_is_deterministic_and_streams(tiny_q4_package):
+    pkg = load_package(str(tiny_q4_package))
+    chunks = []
+    a = generate(pkg, "def main():", max_new_tokens=10, stream=chunks.append, stop_at_eos=False)
+    b = generate(pkg, "def main():", max_new_tokens=10, stop_at_eos=False)
+    assert a.text == b.text and a.new_tokens == 10
+    assert "".join(chunks) == a.text
+    assert a.prompt_tokens == len(pkg.tokenizer.encode("def main():"))
+    assert a.decode_tok_s > 0 and a.prefill_tok_s > 0 and a.peak_rss_mb > 0
+    assert a.weight_bytes == pkg.file.weight_bytes > 0
+
+
+def test_top_p_sampling_is_seeded():
+    rng = lambda: np.random.default_rng(3)  # noqa: E731
+    logits = np.array([0.0, 5.0, 4.9, -3.0])
+    draws = [sample(logits, rng(), 1.0, 0.9) for _ in range(3)]
+    assert len(set(draws)) == 1
+    assert sample(logits, np.random.default_rng(0), 0.0, 0.9) == 1  # greedy
+    # top-p 0.5 keeps only the most likely token
+    assert {sample(logits, np.random.default_rng(s), 1.0, 0.5) for s in range(20)} == {1}
+
+
+def test_sampled_generation_depends_on_seed(tiny_q4_package):
+    pkg = load_package(str(tiny_q4_package))
+    texts = {generate(pkg, "The", 12, temperature=1.5, top_p=0.95, seed=s, stop_at_eos=False).text for s in range(3)}
+    assert len(texts) > 1

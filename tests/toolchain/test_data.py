@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+
+from klaq.errors import KlaqError
+from klaq.toolchain.data import CALIB_FRACTION, calibration_windows, eval_windows, read_text, token_split
+
+
+def encode(text):  # a stand-in tokenizer: one id per byte
+    return list(text.encode("utf-8"))
+
+
+def test_pydoc_split_is_80_20_and_disjoint():
+    calib = token_split("pydoc", encode, "calib")
+    ev = token_split("pydoc", encode, "eval")
+    total = len(calib) + len(ev)
+    assert total > 400_000  # pydoc_data.topics is about 0.45 MB
+    assert len(calib) == int(total * CALIB_FRACTION)
+    full = np.asarray(encode(read_text("pydoc")))
+    np.testing.assert_array_equal(np.concatenate([calib, ev]), full)
+
+
+def test_local_txt_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 50)
+    assert read_text(str(tmp_path / "a.txt")).startswith("hello world")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]) + "\n")
+    assert read_text(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
+    (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(KlaqError, match="bad.jsonl:1"):
+        read_text(str(tmp_path / "bad.jsonl"))
+
+
+def test_unknown_and_missing_sources(tmp_path):
+    with pytest.raises(KlaqError, match="unknown text source"):
+        read_text("shakespeare")
+    with pytest.raises(KlaqError, match="no such file"):
+        read_text(str(tmp_path / "missing.txt"))
+
+
+def test_calibration_windows_seeded():
+    ids = np.arange(10_000)
+    a = calibration_windows(ids, 8, 64, seed=0)
+    b = calibration_windows(ids, 8, 64, seed=0)
+    c = calibration_windows(ids, 8, 64, seed=1)
+    assert a.shape == (8, 64) and (a == b).all() and not (a == c).all()
+    assert (np.diff(a, axis=1) == 1).all()  # contiguous windows
+    with pytest.raises(KlaqError):
+        calibration_windows(np.arange(10), 1, 64, 0)
+
+
+def test_eval_windows_non_overlapping():
+    w = eval_windows(np.arange(1000), 100, max_windows=3)
+    assert w.shape == (3, 100) and w[1, 0] == 100
+    assert eval_windows(np.arange(1050), 100).shape == (10, 100)
