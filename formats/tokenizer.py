@@ -134,7 +134,7 @@ class TokenizerFacts:
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        specials = [t for t, ty in zip(self.tokens, self.token_types) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+        specials = [t for t, ty in zip(self.tokens, self.token_types, strict=True) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         return tok
 

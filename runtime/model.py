@@ -56,10 +56,10 @@ class NumpyLlama:
         self.head = dense(pf, "output.weight") if "output.weight" in pf.tensors else self.embed
         self.norm = dense(pf, "output_norm.weight")
         self.layers = []
+        names = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down")
         for i in range(hp.n_layers):
-            d = lambda n: dense(pf, f"blk.{i}.{n}.weight")  # noqa: E731
-            self.layers.append(Layer(d("attn_norm"), d("attn_q"), d("attn_k"), d("attn_v"), d("attn_output"),
-                                     d("ffn_norm"), d("ffn_gate"), d("ffn_up"), d("ffn_down")))
+            self.layers.append(Layer(*(dense(pf, f"blk.{i}.{n}.weight") for n in names)))
         half = hp.head_dim // 2
         self.inv_freq = (1.0 / hp.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / hp.head_dim))
 
