@@ -1,0 +1,96 @@
+"""Per-architecture facts for calibration-based quantization, as data keyed by HF ``model_type``.
+
+Each :class:`QuantArch` says where the decoder blocks live, which linears a block has (in
+true-sequential order: a stage's linears see the same input), and which scaling groups exist:
+an op whose output feeds a set of linears, so a per-input-channel scale ``s`` can be divided out of
+that op and multiplied into the linears (AWQ). Adding an architecture is a few lines here; no class.
+
+Module paths inside a block are relative to the block. ``prev_kind`` tells how to fold a scale
+into the previous op: ``rmsnorm`` (weight / s), ``rmsnorm1p`` (Gemma: the norm multiplies by
+``1 + w``, so ``w' = (1 + w) / s - 1``), ``layernorm`` (weight and bias / s), ``linear`` (rows of
+the previous linear's weight and bias / s). ``inspect`` is the module whose output measures the
+group's loss (the attention or MLP sub-block). ``conv1d`` marks GPT-2's transposed ``Conv1D``
+linears (weight stored ``[in, out]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from klaq.errors import KlaqError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    prev: str  # module whose output feeds `linears`
+    prev_kind: str  # rmsnorm | rmsnorm1p | layernorm | linear
+    linears: tuple[str, ...]
+    inspect: str  # module whose output is compared before/after (the loss of the search)
+    optional: bool = False  # skipped when shapes do not allow it (e.g. v -> o under GQA)
+
+
+@dataclass(frozen=True)
+class QuantArch:
+    layers: str  # dotted path to the ModuleList of decoder blocks
+    stages: tuple[tuple[str, ...], ...]  # true-sequential order of the block's linears
+    groups: tuple[ScaleGroup, ...]
+    conv1d: bool = False
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_STAGES = (_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _llama_like(norm_kind: str, mlp_norm: str) -> QuantArch:
+    return QuantArch(
+        layers="model.layers",
+        stages=_LLAMA_STAGES,
+        groups=(
+            ScaleGroup("input_layernorm", norm_kind, _ATTN, "self_attn"),
+            ScaleGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",), "self_attn.o_proj", optional=True),
+            ScaleGroup(mlp_norm, norm_kind, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+            ScaleGroup("mlp.up_proj", "linear", ("mlp.down_proj",), "mlp.down_proj"),
+        ),
+    )
+
+
+QUANT_ARCHS: dict[str, QuantArch] = {
+    "llama": _llama_like("rmsnorm", "post_attention_layernorm"),
+    "mistral": _llama_like("rmsnorm", "post_attention_layernorm"),
+    "qwen2": _llama_like("rmsnorm", "post_attention_layernorm"),
+    "qwen3": _llama_like("rmsnorm", "post_attention_layernorm"),
+    # Gemma 3: post_attention_layernorm normalizes the attention *output*; the MLP input norm is
+    # pre_feedforward_layernorm.
+    "gemma3_text": _llama_like("rmsnorm1p", "pre_feedforward_layernorm"),
+    "opt": QuantArch(
+        layers="model.decoder.layers",
+        stages=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+                ("fc1",), ("fc2",)),
+        groups=(
+            ScaleGroup("self_attn_layer_norm", "layernorm",
+                       ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+            ScaleGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",), "self_attn.out_proj"),
+            ScaleGroup("final_layer_norm", "layernorm", ("fc1",), "fc1"),
+        ),
+    ),
+    "gpt2": QuantArch(
+        layers="transformer.h",
+        stages=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        groups=(
+            ScaleGroup("ln_1", "layernorm", ("attn.c_attn",), "attn"),
+            ScaleGroup("ln_2", "layernorm", ("mlp.c_fc",), "mlp"),
+        ),
+        conv1d=True,
+    ),
+}
+QUANT_ARCHS["gemma3"] = QUANT_ARCHS["gemma3_text"]
+
+
+def get_quant_arch(model_type: str) -> QuantArch:
+    try:
+        return QUANT_ARCHS[model_type]
+    except KeyError:
+        raise KlaqError(
+            f"unsupported architecture {model_type!r} for quantization; supported: {', '.join(QUANT_ARCHS)} "
+            "(extend QUANT_ARCHS in toolchain/archs.py)"
+        ) from None
