@@ -31,11 +31,22 @@ _LLAMA_TENSORS = {
 }
 
 
+_GEMMA3_TENSORS = {
+    **{k: v for k, v in _LLAMA_TENSORS.items() if "post_attention_layernorm" not in k},
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+}
+
+
 @dataclass(frozen=True)
 class PackageArch:
     gguf_arch: str  # general.architecture
     tensors: dict[str, str]  # HF name pattern -> GGUF name pattern, "{i}" = layer index
     permute_qk: bool  # llama.cpp RoPE type NORM (adjacent pairs) needs HF rows permuted
+    norm_offset: float = 0.0  # Gemma: HF norms multiply by (1 + w); llama.cpp stores 1 + w
     _regex: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +66,9 @@ PACKAGE_ARCHS: dict[str, PackageArch] = {
     "llama": PackageArch("llama", _LLAMA_TENSORS, permute_qk=True),
     # llama.cpp loads Mistral checkpoints as its llama architecture.
     "mistral": PackageArch("llama", _LLAMA_TENSORS, permute_qk=True),
+    # NEOX RoPE (rotate-half) in llama.cpp: rows stay in HF order.
+    "qwen2": PackageArch("qwen2", _LLAMA_TENSORS, permute_qk=False),
+    "gemma3_text": PackageArch("gemma3", _GEMMA3_TENSORS, permute_qk=False, norm_offset=1.0),
 }
 
 

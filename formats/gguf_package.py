@@ -22,6 +22,7 @@ from klaq.formats.qweight import QuantizedWeight, pack_codes
 from klaq.formats.tokenizer import TokenizerFacts
 
 KLAQ_PREFIX = "klaq."
+RUNTIME_ARCHS = ("llama", "qwen2", "gemma3")  # general.architecture values the runtime decodes
 FILE_TYPE = {T.Q4_0: 2, T.Q4_1: 3, T.Q8_0: 7}  # llama_ftype, informational
 
 
@@ -40,6 +41,7 @@ class HParams:
     rms_eps: float
     context_length: int
     vocab_size: int
+    sliding_window: int = 0  # Gemma 3 local layers (every 6th layer is global); 0 = none
 
 
 _HPARAM_KEYS = {  # field -> (key suffix, value type)
@@ -91,7 +93,8 @@ def _gguf_tensors(pkg: Package):
                 if value.zeros is not None:
                     yield f"{base}.zeros", value.zeros.view(np.int8), T.I8
         elif value.ndim == 1:
-            yield name, np.asarray(value, dtype=np.float32), None
+            offset = arch.norm_offset if name.endswith("norm.weight") else 0.0
+            yield name, np.asarray(value, dtype=np.float32) + np.float32(offset), None
         else:
             yield name, np.asarray(value, dtype=np.float16), None
 
@@ -132,6 +135,8 @@ def write_package(pkg: Package, path: str | os.PathLike) -> int:
             w.add_key_value(f"{hp.arch}.{suffix}", getattr(hp, fname), vtype)
         w.add_uint32(f"{hp.arch}.attention.value_length", hp.head_dim)
         w.add_uint32(f"{hp.arch}.rope.dimension_count", hp.head_dim)
+        if hp.sliding_window:
+            w.add_uint32(f"{hp.arch}.attention.sliding_window", hp.sliding_window)
         qtypes = [t for _, _, t in tensors if t in FILE_TYPE]
         if qtypes:
             w.add_file_type(FILE_TYPE[max(set(qtypes), key=qtypes.count)])
@@ -215,8 +220,9 @@ def read_package(path: str | os.PathLike) -> PackageFile:
         raise KlaqError(f"{path} is truncated or corrupt: {exc}") from None
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     arch = fields.get("general.architecture")
-    if arch not in ("llama",):
-        raise KlaqError(f"unsupported architecture {arch!r} in {path}; the klaq runtime supports: llama")
+    if arch not in RUNTIME_ARCHS:
+        raise KlaqError(f"unsupported architecture {arch!r} in {path}; the klaq runtime supports: "
+                        f"{', '.join(RUNTIME_ARCHS)}")
     try:
         hp = _read_hparams(fields, arch)
     except KeyError as exc:
@@ -241,5 +247,5 @@ def _read_hparams(fields: dict, arch: str) -> HParams:
         n_heads=n_heads, n_kv_heads=int(fields.get(f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=head_dim, rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
         rms_eps=float(get("attention.layer_norm_rms_epsilon")), context_length=int(get("context_length")),
-        vocab_size=int(vocab),
+        vocab_size=int(vocab), sliding_window=int(fields.get(f"{arch}.attention.sliding_window", 0)),
     )

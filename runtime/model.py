@@ -1,7 +1,10 @@
-"""The Llama-family decoder in numpy: RMSNorm, RoPE, grouped-query attention, SwiGLU, KV cache.
+"""The decoder in numpy: RMSNorm, RoPE, grouped-query attention, gated MLP, KV cache.
 
-Mirrors llama.cpp's ``llama`` graph on the package's tensors as stored: Q/K rows are in llama.cpp's
-order, so RoPE rotates adjacent pairs (x[2i], x[2i+1]). Computation is float32; batch size 1.
+Follows llama.cpp's graphs for the architectures in :data:`RUNTIME_FACTS`, on the package's
+tensors as stored: for ``llama`` the Q/K rows are in llama.cpp's order, so RoPE rotates adjacent
+pairs; ``qwen2`` and ``gemma3`` keep HF order and rotate halves (NEOX). Gemma 3 adds an embedding
+scale, Q/K norms, "sandwich" norms around attention and MLP, GELU-tanh, and sliding-window layers
+(every 6th layer global, local layers with RoPE base 10000). float32 throughout; batch size 1.
 """
 
 from __future__ import annotations
@@ -14,17 +17,21 @@ from klaq.formats.gguf_package import PackageFile
 from klaq.runtime.weights import dense
 
 
-@dataclass
-class Layer:
-    attn_norm: np.ndarray
-    wq: np.ndarray  # [out, in]
-    wk: np.ndarray
-    wv: np.ndarray
-    wo: np.ndarray
-    ffn_norm: np.ndarray
-    w_gate: np.ndarray
-    w_up: np.ndarray
-    w_down: np.ndarray
+@dataclass(frozen=True)
+class ArchFacts:
+    rope_pairs: str  # "adjacent" (llama.cpp NORM) or "halves" (NEOX)
+    act: str  # silu | gelu_tanh
+    embed_scale: bool = False  # multiply embeddings by sqrt(hidden)
+    sandwich: bool = False  # post-attention / post-MLP norms (Gemma)
+    swa_pattern: int = 0  # every n-th layer is global, the others use the sliding window
+    local_rope_theta: float = 10000.0
+
+
+RUNTIME_FACTS = {
+    "llama": ArchFacts("adjacent", "silu"),
+    "qwen2": ArchFacts("halves", "silu"),
+    "gemma3": ArchFacts("halves", "gelu_tanh", embed_scale=True, sandwich=True, swa_pattern=6),
+}
 
 
 class KVCache:
@@ -49,37 +56,76 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-class NumpyLlama:
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+class Layer:
+    """One block's tensors; optional ones (biases, Q/K norms, sandwich norms) are None."""
+
+    def __init__(self, pf: PackageFile, i: int):
+        def get(name: str, required: bool = True):
+            full = f"blk.{i}.{name}"
+            present = full in pf.tensors or f"{full.removesuffix('.weight')}.qweight" in pf.tensors
+            return dense(pf, full) if (present or required) else None
+
+        self.attn_norm, self.ffn_norm = get("attn_norm.weight"), get("ffn_norm.weight")
+        self.wq, self.wk, self.wv, self.wo = (get(f"{n}.weight") for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
+        self.bq, self.bk, self.bv = (get(f"{n}.bias", False) for n in ("attn_q", "attn_k", "attn_v"))
+        self.q_norm, self.k_norm = get("attn_q_norm.weight", False), get("attn_k_norm.weight", False)
+        self.post_attn_norm, self.post_ffn_norm = get("post_attention_norm.weight", False), get("post_ffw_norm.weight", False)
+        self.w_gate, self.w_up, self.w_down = (get(f"{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down"))
+
+
+def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+class NumpyDecoder:
     def __init__(self, pf: PackageFile):
         self.hp = hp = pf.hparams
+        self.facts = RUNTIME_FACTS[hp.arch]
         self.embed = dense(pf, "token_embd.weight")
         self.head = dense(pf, "output.weight") if "output.weight" in pf.tensors else self.embed
         self.norm = dense(pf, "output_norm.weight")
-        self.layers = []
-        names = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                 "ffn_down")
-        for i in range(hp.n_layers):
-            self.layers.append(Layer(*(dense(pf, f"blk.{i}.{n}.weight") for n in names)))
+        self.layers = [Layer(pf, i) for i in range(hp.n_layers)]
         half = hp.head_dim // 2
-        self.inv_freq = (1.0 / hp.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / hp.head_dim))
+        exps = np.arange(half, dtype=np.float64) * 2 / hp.head_dim
+        self.inv_freq = 1.0 / hp.rope_theta**exps
+        self.local_inv_freq = 1.0 / self.facts.local_rope_theta**exps
+        self.act = ACTIVATIONS[self.facts.act]
 
     def new_cache(self, max_len: int) -> KVCache:
         hp = self.hp
         return KVCache(hp.n_layers, hp.n_kv_heads, hp.head_dim, max_len)
 
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """x: [heads, T, head_dim]; rotate adjacent pairs (llama.cpp NORM rope)."""
-        ang = pos[:, None].astype(np.float64) * self.inv_freq[None, :]
+    def is_local(self, layer: int) -> bool:
+        p = self.facts.swa_pattern
+        return bool(p and self.hp.sliding_window and (layer + 1) % p != 0)
+
+    def _rope(self, x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+        """x: [heads, T, head_dim]."""
+        ang = pos[:, None].astype(np.float64) * inv_freq[None, :]
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2] = x0 * cos - x1 * sin
-        out[..., 1::2] = x0 * sin + x1 * cos
-        return out
+        if self.facts.rope_pairs == "adjacent":
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x0, x1 = x[..., :half], x[..., half:]
+        r0, r1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        if self.facts.rope_pairs == "adjacent":
+            out = np.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = r0, r1
+            return out
+        return np.concatenate([r0, r1], axis=-1)
 
     def forward(self, ids, cache: KVCache) -> np.ndarray:
         """Run ``ids`` (new tokens) through the model, append to ``cache``; logits [T, vocab]."""
-        hp = self.hp
+        hp, facts = self.hp, self.facts
         ids = np.asarray(ids, dtype=np.int64)
         t = ids.shape[0]
         start = cache.length
@@ -89,24 +135,41 @@ class NumpyLlama:
         end = start + t
         group = hp.n_heads // hp.n_kv_heads
         scale = 1.0 / np.sqrt(hp.head_dim)
-        # causal mask for the new queries against all cached keys
-        mask = np.where(np.arange(end)[None, :] > pos[:, None], -np.inf, 0.0).astype(np.float32)
+        kpos = np.arange(end)[None, :]
+        causal = np.where(kpos > pos[:, None], -np.inf, 0.0).astype(np.float32)
+        local = np.where((kpos > pos[:, None]) | (kpos <= pos[:, None] - hp.sliding_window), -np.inf, 0.0)
+        local = local.astype(np.float32)
         x = self.embed[ids]
+        if facts.embed_scale:
+            x = x * np.float32(np.sqrt(hp.hidden))
         for li, L in enumerate(self.layers):
+            is_local = self.is_local(li)
+            inv_freq = self.local_inv_freq if is_local else self.inv_freq
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
-            q = (h @ L.wq.T).reshape(t, hp.n_heads, hp.head_dim).transpose(1, 0, 2)
-            k = (h @ L.wk.T).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
-            v = (h @ L.wv.T).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
-            cache.k[li, :, start:end] = self._rope(k, pos)
+            q = _linear(h, L.wq, L.bq).reshape(t, hp.n_heads, hp.head_dim).transpose(1, 0, 2)
+            k = _linear(h, L.wk, L.bk).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
+            v = _linear(h, L.wv, L.bv).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
+            if L.q_norm is not None:
+                q, k = rms_norm(q, L.q_norm, hp.rms_eps), rms_norm(k, L.k_norm, hp.rms_eps)
+            cache.k[li, :, start:end] = self._rope(k, pos, inv_freq)
             cache.v[li, :, start:end] = v
-            q = self._rope(q, pos).reshape(hp.n_kv_heads, group * t, hp.head_dim)
+            q = self._rope(q, pos, inv_freq).reshape(hp.n_kv_heads, group * t, hp.head_dim)
             keys, vals = cache.k[li, :, :end], cache.v[li, :, :end]
-            s = (q @ keys.transpose(0, 2, 1)).reshape(hp.n_kv_heads, group, t, end) * scale + mask
+            s = (q @ keys.transpose(0, 2, 1)).reshape(hp.n_kv_heads, group, t, end) * scale
+            s = s + (local if is_local else causal)
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             p = (s / s.sum(axis=-1, keepdims=True)).reshape(hp.n_kv_heads, group * t, end)
-            o = (p @ vals).reshape(hp.n_heads, t, hp.head_dim).transpose(1, 0, 2).reshape(t, -1)
-            x = x + o @ L.wo.T
+            o = (p @ vals).reshape(hp.n_heads, t, hp.head_dim).transpose(1, 0, 2).reshape(t, -1) @ L.wo.T
+            if facts.sandwich:
+                o = rms_norm(o, L.post_attn_norm, hp.rms_eps)
+            x = x + o
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-            x = x + (silu(h @ L.w_gate.T) * (h @ L.w_up.T)) @ L.w_down.T
+            m = (self.act(h @ L.w_gate.T) * (h @ L.w_up.T)) @ L.w_down.T
+            if facts.sandwich:
+                m = rms_norm(m, L.post_ffn_norm, hp.rms_eps)
+            x = x + m
         cache.length = end
         return rms_norm(x, self.norm, hp.rms_eps) @ self.head.T
+
+
+NumpyLlama = NumpyDecoder  # the name the first version used

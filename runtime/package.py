@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from klaq.errors import KlaqError
 from klaq.formats.gguf_package import PackageFile, read_package
 from klaq.formats.tokenizer import PackageTokenizer
-from klaq.runtime.model import NumpyLlama
+from klaq.runtime.model import NumpyDecoder
 
 BACKENDS = ("numpy",)
 
@@ -16,7 +16,7 @@ BACKENDS = ("numpy",)
 @dataclass
 class LoadedPackage:
     file: PackageFile
-    model: NumpyLlama
+    model: NumpyDecoder
     tokenizer: PackageTokenizer
     load_s: float
 
@@ -29,5 +29,5 @@ def load_package(path: str, backend: str = "numpy", device: str = "cpu") -> Load
     t0 = time.perf_counter()
     pf = read_package(path)
     tok = PackageTokenizer(pf.tokenizer)
-    model = NumpyLlama(pf)
+    model = NumpyDecoder(pf)
     return LoadedPackage(pf, model, tok, time.perf_counter() - t0)

@@ -33,24 +33,54 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A saved HF directory: random Llama (fp16 weights) + byte-level BPE tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _config(model_type: str, vocab: int):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **TINY)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # larger-than-default weights so attention is not uniform
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.half().save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    common = dict(vocab_size=vocab, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **TINY)
+    if model_type == "llama":
+        return LlamaConfig(**common)
+    if model_type == "qwen2":
+        return Qwen2Config(**common)
+    if model_type == "gemma3_text":  # tied head, head_dim != hidden/heads, one global layer in 6
+        common.update(tie_word_embeddings=True, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+                      sliding_window=8, pad_token_id=0)
+        return Gemma3TextConfig(**common)
+    raise ValueError(model_type)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(model_type)``: a saved HF directory, random weights (fp16) + byte-level BPE."""
+    made: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            tok = _tiny_tokenizer()
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(_config(model_type, len(tok)))
+            with torch.no_grad():  # larger-than-default weights so attention is not uniform
+                for name, p in model.named_parameters():
+                    if p.ndim == 2:
+                        p.normal_(0, 0.08)
+                    elif "norm" in name:
+                        p.normal_(0.0 if model_type == "gemma3_text" else 1.0, 0.1)
+                    else:
+                        p.normal_(0, 0.05)  # biases
+            model.half().save_pretrained(out)
+            tok.save_pretrained(out)
+            made[model_type] = out
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama")
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,8 @@ def hparams_from_config(cfg, model_type: str) -> HParams:
     arch = get_package_arch(model_type).gguf_arch
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope:  # Gemma 3: per layer type; global here
+        rope = rope["full_attention"]
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
     return HParams(
         arch=arch, n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
@@ -61,6 +63,7 @@ def hparams_from_config(cfg, model_type: str) -> HParams:
         head_dim=head_dim, rope_theta=float(theta or getattr(cfg, "rope_theta", 10000.0)),
         rms_eps=float(cfg.rms_norm_eps), context_length=int(cfg.max_position_embeddings),
         vocab_size=int(cfg.vocab_size),
+        sliding_window=int(getattr(cfg, "sliding_window", None) or 0) if arch == "gemma3" else 0,
     )
 
 

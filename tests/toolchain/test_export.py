@@ -44,12 +44,15 @@ def f16_package(tiny_llama_dir, tmp_path_factory):
     return path
 
 
-def test_f16_logits_match_transformers(tiny_llama_dir, f16_package):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+def test_f16_logits_match_transformers(tiny_model_dir, tmp_path, model_type):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    pkg = load_package(str(f16_package))
+    src = tiny_model_dir(model_type)
+    _export(src, tmp_path / "f16.gguf", method="fp16")
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    pkg = load_package(str(tmp_path / "f16.gguf"))
     ids = pkg.tokenizer.encode(PROMPT)
     assert ids == tok(PROMPT).input_ids  # the package's tokenizer is the model's tokenizer
     ref = _hf_logits(hf, ids)
@@ -57,6 +60,12 @@ def test_f16_logits_match_transformers(tiny_llama_dir, f16_package):
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
     # incremental decode through the KV cache gives the same last-token logits as a full pass
     assert _greedy_runtime(pkg, ids, 12) == _greedy_hf(hf, ids, 12)
+    if model_type == "gemma3_text":  # past the sliding window (8): local layers must drop old keys
+        long_ids = pkg.tokenizer.encode(PROMPT * 3)
+        assert len(long_ids) > 24
+        ref = _hf_logits(hf, long_ids)
+        got = pkg.model.forward(long_ids, pkg.model.new_cache(len(long_ids)))
+        assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
 
 
 def test_f16_package_metadata(f16_package):
@@ -69,17 +78,24 @@ def test_f16_package_metadata(f16_package):
     assert "output.weight" in pf.tensors  # untied head
 
 
-@pytest.mark.parametrize("sym,typ", [(True, T.Q4_0), (False, T.Q4_1)])
-def test_transformers_loads_quantized_package(tiny_llama_dir, tmp_path, sym, typ):
-    """transformers' own GGUF loader (undoing our Q/K permutation) agrees with the numpy runtime."""
+@pytest.mark.parametrize("model_type,sym,typ", [("llama", True, T.Q4_0), ("llama", False, T.Q4_1),
+                                                ("qwen2", True, T.Q4_0), ("gemma3_text", False, T.Q4_1)])
+def test_transformers_loads_quantized_package(tiny_model_dir, tmp_path, model_type, sym, typ):
+    """transformers' own GGUF loader (undoing our Q/K permutation, Gemma's norm +1) agrees with
+    the numpy runtime: the package is what llama.cpp's converter would have written."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
     path = tmp_path / "tiny-q4.gguf"
-    _export(tiny_llama_dir, path, method="rtn", bits=4, group_size=64, sym=sym)
+    _export(tiny_model_dir(model_type), path, method="rtn", bits=4, group_size=64, sym=sym)
     pkg = load_package(str(path))
     assert pkg.file.tensors["blk.1.ffn_down.weight"].type == typ  # K = 160: ragged last group
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32,
                                               quantization_config=GgufConfig(dequantize=True)).eval()
+    if model_type == "gemma3_text":
+        # transformers' GGUF reader does not read Gemma's attention scale and assumes 256**-0.5;
+        # llama.cpp (and klaq) use 1/sqrt(head_dim), which is what the tiny config asks for.
+        for layer in hf.model.layers:
+            layer.self_attn.scaling = pkg.file.hparams.head_dim**-0.5
     ids = pkg.tokenizer.encode(PROMPT)
     ref = _hf_logits(hf, ids)
     got = pkg.model.forward(ids, pkg.model.new_cache(len(ids)))
