@@ -120,11 +120,24 @@ class TokenizerFacts:
     # -- runtime side ------------------------------------------------------------------------
     def build(self):
         """A ``tokenizers.Tokenizer`` equivalent to llama.cpp's reading of these keys."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-        if self.model != "gpt2":
+        if self.model == "gpt2":
+            tok = self._build_byte_level()
+        elif self.model == "llama":
+            tok = self._build_sentencepiece()
+        else:
             raise KlaqError(f"tokenizer model {self.model!r} is not supported by the klaq runtime yet "
-                            "(supported: gpt2 byte-level BPE)")
+                            "(supported: gpt2 byte-level BPE, llama SentencePiece BPE)")
+        from tokenizers import AddedToken
+
+        spelled = spm_spelling(self.tokens) if self.model == "llama" else self.tokens
+        specials = [t for t, ty in zip(spelled, self.token_types, strict=True)
+                    if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        return tok
+
+    def _build_byte_level(self):
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
         vocab = {tok: i for i, tok in enumerate(self.tokens)}
         merges = [tuple(m.split(" ", 1)) for m in self.merges]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -134,9 +147,53 @@ class TokenizerFacts:
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        specials = [t for t, ty in zip(self.tokens, self.token_types, strict=True) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         return tok
+
+    def _build_sentencepiece(self):
+        """SentencePiece BPE with byte fallback; spaces are spelled U+2581 in the vocabulary."""
+        from tokenizers import Tokenizer, decoders, models, normalizers
+
+        tokens = spm_spelling(self.tokens)
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in self.merges] if self.merges else spm_merges(tokens, self.scores)
+        unk = tokens[self.unk_id] if self.unk_id is not None else None
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        steps = [normalizers.Replace(" ", SPIECE)]
+        if self.add_space_prefix is not False:
+            steps.insert(0, normalizers.Prepend(SPIECE))
+        tok.normalizer = normalizers.Sequence(steps)
+        dec = [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if self.add_space_prefix is not False:
+            dec.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(dec)
+        return tok
+
+
+SPIECE = "\u2581"
+
+
+def spm_spelling(tokens: list[str]) -> list[str]:
+    """Gemma stores whitespace-only tokens with real spaces; the model looks them up as U+2581."""
+    return [SPIECE * len(t) if " " in t and not t.strip() else t for t in tokens]
+
+
+def spm_merges(tokens: list[str], scores: list[float] | None) -> list[tuple[str, str]]:
+    """Merges implied by a SentencePiece BPE vocabulary, best first.
+
+    Each token that splits into two vocabulary pieces is a merge, ranked by the token's score; when
+    the scores do not rank the vocabulary (Gemma: almost all 0), by its position in the file.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    informative = scores is not None and len(set(scores)) > 0.5 * len(scores)
+    rank = (lambda i: -scores[i]) if informative else (lambda i: i)  # noqa: E731
+    merges = []
+    for tok, i in vocab.items():
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in vocab and right in vocab:
+                merges.append((rank(i), vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(m[3], m[4]) for m in merges]
 
 
 class PackageTokenizer:
