@@ -53,3 +53,10 @@ def test_eval_windows_non_overlapping():
     w = eval_windows(np.arange(1000), 100, max_windows=3)
     assert w.shape == (3, 100) and w[1, 0] == 100
     assert eval_windows(np.arange(1050), 100).shape == (10, 100)
+
+
+def test_hf_dataset_names_fail_clearly_offline():
+    """wikitext2/c4/pileval need `datasets` and a hub: here they must fail with a clear message."""
+    for name in ("wikitext2", "c4", "pileval"):
+        with pytest.raises(KlaqError, match=name):
+            token_split(name, encode, "eval")
