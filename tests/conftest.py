@@ -7,6 +7,17 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run under the interpreter on machines without a GPU (CI). The variable is read
+# when a kernel is defined, so it must be set before any test module imports one.
+if os.environ.get("TRITON_INTERPRET") is None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
 TINY = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
 

@@ -1,0 +1,211 @@
+"""W4A16 kernel benchmark: klaq's Triton kernels vs cuBLAS fp16 and PyTorch's int4 (tinygemm).
+
+    python bench/kernels.py --out kernels.md            # the table (H100/H200)
+    python bench/kernels.py --sweep --out sweep.md      # also search launch configs per case
+
+Method (kernels-and-style.md §4.5, device METHOD.md): every case cycles through enough distinct
+weight copies that they exceed the L2 cache (>= 100 MB), so weights stream from DRAM as in a real
+decode step; the calls are captured in one CUDA graph (no launch gaps from Python) and timed with
+events, median of several replays. GB/s counts weight + scale bytes, x and y once per call.
+Speedups are cuBLAS time / method time (> 1 is faster than fp16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from klaq.formats.qweight import QuantizedWeight
+from klaq.kernels.triton_w4a16 import default_config, repack, w4a16_matmul
+
+LLAMA3_8B = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]
+SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+BATCHES = [1, 2, 4, 8, 16, 64, 256]
+WORKING_SET = 100 << 20
+GROUP = 128
+
+
+def random_qweight(n: int, k: int, group_size: int = GROUP, seed: int = 0) -> QuantizedWeight:
+    rng = np.random.default_rng(seed)
+    g = -(-k // group_size)
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    scales = (rng.random((n, g)) * 0.02 + 0.001).astype(np.float16)
+    return QuantizedWeight(codes, scales, None, 4, group_size)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, math.ceil(WORKING_SET / nbytes))
+
+
+def graph_time_us(fns, reps: int = 5) -> float:
+    """Median time of one call, with all ``fns`` captured back to back in one CUDA graph."""
+    for f in fns:  # compile / autotune / allocate outside the capture
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+        with torch.cuda.graph(g, stream=stream):
+            for f in fns:
+                f()
+    torch.cuda.synchronize()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    return float(np.median(times))
+
+
+def tinygemm_pack(qw: QuantizedWeight, device):
+    """PyTorch's int4 layout: uint8 (even code in the high nibble), bf16 scale+zero [G, N, 2]."""
+    n, k = qw.codes.shape
+    gs = qw.group_size
+    if k % gs:
+        return None
+    codes = torch.from_numpy(qw.codes).to(device)
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+    if tiles is None:
+        return None
+    w = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
+    s = torch.from_numpy(qw.scales.astype(np.float32)).to(device).t()  # [G, N]
+    # tinygemm dequantizes (q - 8) * s + z: symmetric means z = 0.
+    sz = torch.stack([s, torch.zeros_like(s)], dim=-1).to(torch.bfloat16).contiguous()
+    return w, sz
+
+
+def bench_shape(n, k, batches, sweep_cfgs=None, sweep_batches=(), block_k=None, device="cuda"):
+    qw = random_qweight(n, k)
+    # tinygemm needs K to be a multiple of the group: SmolLM2's 576 runs it at group 64.
+    qw_tg = qw if k % GROUP == 0 else random_qweight(n, k, 64)
+    base = repack(qw, device, block_k)
+    w16 = torch.from_numpy(qw.dequantize(np.float16)).to(device)
+    n4 = copies_for(base.nbytes())
+    n16 = copies_for(w16.nbytes)
+    ours = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, base.in_features,
+                                base.out_features, base.group_size, base.block_k) for _ in range(n4 - 1)]
+    dense = [w16] + [w16.clone() for _ in range(n16 - 1)]
+    try:
+        tg = tinygemm_pack(qw_tg, device)
+    except RuntimeError as e:  # not built for this GPU / dtype
+        print(f"tinygemm unavailable: {e}")
+        tg = None
+    tgs = None if tg is None else [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(copies_for(tg[0].nbytes) - 1)]
+    rows = []
+    for m in batches:
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        xb = x.to(torch.bfloat16)
+        y_ref = F.linear(x, w16)
+        err = ((w4a16_matmul(x, base).float() - y_ref.float()).norm() / y_ref.float().norm()).item()
+        t16 = graph_time_us([partial(F.linear, x, w) for w in dense])
+        t4 = graph_time_us([partial(w4a16_matmul, x, w) for w in ours])
+        ttg = None
+        if tgs is not None:
+            gs = qw_tg.group_size
+            ttg = graph_time_us([partial(torch.ops.aten._weight_int4pack_mm, xb, t[0], gs, t[1]) for t in tgs])
+        io = 2 * m * (n + k)
+        row = dict(n=n, k=k, m=m, t16=t16, gbs16=(w16.nbytes + io) / t16 / 1e3, t4=t4,
+                   gbs4=(base.nbytes() + io) / t4 / 1e3, ttg=ttg, err=err, cfg=default_config(m, n, k))
+        if sweep_cfgs and m in sweep_batches:
+            best = (t4, row["cfg"])
+            for cfg in sweep_cfgs(m):
+                try:
+                    t = graph_time_us([partial(w4a16_matmul, x, w, **cfg) for w in ours], reps=3)
+                except Exception as e:  # resource limits of a config
+                    print(f"  skip {cfg}: {type(e).__name__}")
+                    continue
+                if t < best[0]:
+                    best = (t, cfg)
+            row["best_t"], row["best_cfg"] = best
+        rows.append(row)
+        print(fmt_row(row), flush=True)
+    return rows
+
+
+def sweep_grid(m):
+    """A short list per batch size (compiles dominate a sweep's time)."""
+    if m <= 8:
+        grid = itertools.product([(16, 4), (32, 4), (32, 8), (64, 4), (64, 8)], [1, 2, 4], [1, 3])
+        return [dict(kernel="gemv", block_n=bn, split=s, num_warps=w, num_stages=st) for (bn, w), s, st in grid]
+    if m <= 64:
+        grid = itertools.product([16 if m <= 16 else 64], [32, 64, 128], [1, 2, 4, 8], [4], [2, 3])
+    else:
+        grid = itertools.product([64, 128], [64, 128], [1, 2], [4, 8], [1, 2])
+    return [dict(kernel="gemm", block_m=bm, block_n=bn, split=s, num_warps=w, num_stages=st)
+            for bm, bn, s, w, st in grid]
+
+
+HEADER = ("| N x K | M | cuBLAS fp16 us | GB/s | klaq us | GB/s | klaq vs cuBLAS | tinygemm us | tinygemm vs cuBLAS |"
+          " rel err |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def fmt_row(r) -> str:
+    tg = "n/a" if r["ttg"] is None else f"{r['ttg']:.1f} | {r['t16'] / r['ttg']:.2f}x"
+    tg = tg if r["ttg"] is not None else "n/a | n/a"
+    line = (f"| {r['n']}x{r['k']} | {r['m']} | {r['t16']:.1f} | {r['gbs16']:.0f} | {r['t4']:.1f} | {r['gbs4']:.0f} | "
+            f"**{r['t16'] / r['t4']:.2f}x** | {tg} | {r['err']:.1e} |")
+    if "best_t" in r:
+        line += f" best {r['best_t']:.1f} us ({r['t16'] / r['best_t']:.2f}x) {r['best_cfg']}"
+    return line
+
+
+def targets(rows) -> list[str]:
+    big = [r for r in rows if (r["n"], r["k"]) in LLAMA3_8B[:3]]
+    out = []
+    for m, want, what in [(1, 3.0, ">= 3.0x"), (16, 1.5, ">= 1.5x"), (256, 0.9, "within 10% (>= 0.9x)")]:
+        got = [r["t16"] / r["t4"] for r in big if r["m"] == m]
+        if got:
+            ok = all(g >= want for g in got)
+            out.append(f"- M = {m}, large shapes, {what}: {'met' if ok else 'NOT met'} "
+                       f"({', '.join(f'{g:.2f}x' for g in got)})")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the markdown table here")
+    ap.add_argument("--sweep", action="store_true", help="also search launch configs")
+    ap.add_argument("--sweep-batches", default="1,4,16,256")
+    ap.add_argument("--shapes", default="all", choices=["all", "llama", "llama4k", "smollm"])
+    ap.add_argument("--block-k", type=int, help="force the repack tile (default: choose_block_k)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    args = ap.parse_args()
+    shapes = {"all": LLAMA3_8B + SMOLLM2, "llama": LLAMA3_8B, "llama4k": LLAMA3_8B[:1], "smollm": SMOLLM2}[args.shapes]
+    batches = [int(b) for b in args.batches.split(",")]
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev}, torch {torch.__version__}")
+    print(HEADER)
+    t0 = time.time()
+    rows = []
+    for n, k in shapes:
+        sweep = args.sweep and (n, k) in LLAMA3_8B[:3]
+        rows += bench_shape(n, k, batches, sweep_grid if sweep else None,
+                            [int(b) for b in args.sweep_batches.split(",")], args.block_k)
+    text = "\n".join([f"# W4A16 kernels on {dev}", "",
+                      f"torch {torch.__version__}; int4 group {GROUP} symmetric (tinygemm: bf16 activations, group 64 "
+                      f"where K % 128 != 0); working set >= {WORKING_SET >> 20} MB per case; CUDA-graph timing.", "",
+                      HEADER, *map(fmt_row, rows), "", "Targets:", *targets(rows), "",
+                      f"({time.time() - t0:.0f} s)"])
+    print("\n".join(["", "Targets:", *targets(rows)]))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

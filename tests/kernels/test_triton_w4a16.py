@@ -1,0 +1,93 @@
+"""Triton kernels against the numpy reference: on a GPU when present, else in the interpreter.
+
+Interpreter runs are slow (every program is Python), so the CPU cases use few rows and short K;
+the GPU cases add the big and ragged shapes.
+"""
+
+import numpy as np
+import pytest
+from w4_helpers import HAS_CUDA, random_qweight, rel_err
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+from klaq.kernels.numpy_ref import reference_matmul  # noqa: E402
+from klaq.kernels.triton_w4a16 import choose_block_k, repack, w4a16_matmul  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # seen: ~3e-4 and ~5e-3
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def check(n, k, group_size, asym, m, dtype=torch.float16, seed=0, **config):
+    qw = random_qweight(n, k, group_size, asym, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y = w4a16_matmul(x.to(DEVICE), repack(qw, DEVICE), **config)
+    assert y.shape == (m, n) and y.dtype == dtype
+    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
+    assert err < TOL[dtype], err
+
+
+def test_repack_layout():
+    """Nibble i of word j in a tile is code ``tile * BK + i * SUB + j``; padding codes are 0."""
+    qw = random_qweight(3, 200, 32, asym=False)
+    w = repack(qw, "cpu")
+    bk = w.block_k
+    assert bk == choose_block_k(200, 32) == 256 and w.qweight.shape == (3, bk // 8)
+    words = w.qweight.numpy().view(np.uint32)
+    sub = bk // 8
+    codes = (words[:, None, :] >> (4 * np.arange(8, dtype=np.uint32))[None, :, None]) & 15
+    assert (codes.reshape(3, bk)[:, :200] == qw.codes).all() and (codes.reshape(3, bk)[:, 200:] == 0).all()
+    assert sub == 32
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33])
+def test_odd_shapes(group_size, asym, m):
+    """K = 576 is ragged at groups 128 and 256; N = 40 is not a multiple of any tile."""
+    check(40, 576, group_size, asym, m, seed=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel,m", [("gemv", 1), ("gemv", 5), ("gemm", 3), ("gemm", 17)])
+@pytest.mark.parametrize("split", [1, 3])
+def test_both_kernels_split_k_and_dtypes(dtype, kernel, m, split):
+    check(24, 320, 64, True, m, dtype, kernel=kernel, split=split)
+
+
+def test_long_ragged_k():
+    check(16, 4096 + 64, 128, True, 1, kernel="gemv", block_n=16)
+
+
+@gpu
+@pytest.mark.parametrize("n,k,group_size", [(300, 576, 128), (300, 576, 32), (576, 1536, 256), (576, 1536, 64),
+                                            (1000, 4096 + 64, 128), (4096, 4096, 128)])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 33, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_shapes(n, k, group_size, asym, m, dtype):
+    check(n, k, group_size, asym, m, dtype, seed=n + m)
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
+@pytest.mark.parametrize("block_n", [8, 16, 32, 64, 128])
+def test_gpu_configs(kernel, split, block_n):
+    m = 4 if kernel == "gemv" else 24
+    check(1000, 4096 + 64, 128, True, m, kernel=kernel, split=split, block_n=block_n,
+          block_m=4 if kernel == "gemv" else 32)
+
+
+def test_split_k_leaves_workspace_clean():
+    """The last program of each tile re-zeroes the shared workspace: calls repeat exactly."""
+    from klaq.kernels.triton_w4a16 import _WORKSPACES
+
+    qw = random_qweight(40, 576, 64, asym=True)
+    w = repack(qw, DEVICE)
+    x = torch.randn(3, 576).half().to(DEVICE)
+    for kernel in ("gemv", "gemm"):
+        first = w4a16_matmul(x, w, kernel=kernel, split=4)
+        assert torch.equal(first, w4a16_matmul(x, w, kernel=kernel, split=4))
+        ws, counters = _WORKSPACES[x.device]
+        assert not ws.any() and not counters.any()
