@@ -93,11 +93,12 @@ def export_cmd(model, output, target, method, bits, group_size, sym, fmt, calib,
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--backend", default="numpy", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N.")
+@click.option("--backend", default=None, help="numpy (CPU), triton or torch (CUDA) [default: by device].")
+@click.option("--target", default=None, help="Report bandwidth against this device profile [default: the package's].")
 @click.option("--json", "as_json", is_flag=True, help="Print text and report as one JSON object.")
 @friendly
-def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, backend, as_json):
+def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, backend, target, as_json):
     """Generate text from PACKAGE and report load time, TTFT, tokens/s and memory."""
     from klaq.runtime.generate import generate
     from klaq.runtime.package import load_package
@@ -106,7 +107,11 @@ def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, b
     stream = None if as_json else (lambda s: click.echo(s, nl=False))
     if not as_json:
         click.echo(prompt, nl=False)
-    report = generate(pkg, prompt, max_new_tokens, temperature, top_p, seed, stream=stream)
+    if target is not None:
+        from klaq.targets.profiles import get_target
+
+        get_target(target)
+    report = generate(pkg, prompt, max_new_tokens, temperature, top_p, seed, stream=stream, target=target)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

@@ -23,18 +23,31 @@ class RunReport:
     decode_tok_s: float
     peak_rss_mb: float
     weight_bytes: int
-    achieved_gbs: float  # weight bytes streamed per decode step / step time
+    achieved_gbs: float  # bytes streamed per decode step (weights + KV) / step time
     text: str
+    device: str = "cpu"
+    backend: str = "numpy"
+    bytes_per_step: int = 0
+    target: str | None = None
+    bandwidth_fraction: float | None = None  # achieved_gbs / the target's memory bandwidth
+    decode_matmul_s: float | None = None  # decode time in the quantized matmuls (CUDA graph path)
+    decode_rest_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
+        bw = f"{self.achieved_gbs:.2f} GB/s"
+        if self.bandwidth_fraction is not None:
+            bw += f" ({self.bandwidth_fraction * 100:.1f}% of {self.target})"
+        split = ""
+        if self.decode_matmul_s is not None:
+            split = f" | decode time: matmul {self.decode_matmul_s:.3f} s, rest {self.decode_rest_s:.3f} s"
         return (
-            f"load {self.load_s:.2f} s | prompt {self.prompt_tokens} tok | TTFT {self.ttft_s * 1e3:.0f} ms | "
-            f"prefill {self.prefill_tok_s:.1f} tok/s | decode {self.decode_tok_s:.2f} tok/s "
-            f"({self.new_tokens} tok) | {self.achieved_gbs:.2f} GB/s of weights | "
-            f"peak RSS {self.peak_rss_mb:.0f} MB | weights {self.weight_bytes / 2**20:.1f} MiB"
+            f"{self.backend}/{self.device} | load {self.load_s:.2f} s | prompt {self.prompt_tokens} tok | "
+            f"TTFT {self.ttft_s * 1e3:.0f} ms | prefill {self.prefill_tok_s:.1f} tok/s | "
+            f"decode {self.decode_tok_s:.2f} tok/s ({self.new_tokens} tok) | {bw} | "
+            f"peak RSS {self.peak_rss_mb:.0f} MB | weights {self.weight_bytes / 2**20:.1f} MiB{split}"
         )
 
 
@@ -65,13 +78,15 @@ def generate(
     seed: int = 0,
     stream: Callable[[str], None] | None = None,
     stop_at_eos: bool = True,
+    target: str | None = None,
 ) -> RunReport:
     tok, model = pkg.tokenizer, pkg.model
     ids = tok.encode(prompt)
     if not ids:
         ids = [tok.facts.bos_id if tok.facts.bos_id is not None else 0]
     rng = np.random.default_rng(seed)
-    cache = model.new_cache(len(ids) + max_new_tokens)
+    split = getattr(model, "decode_split", None)
+    cache = model.new_cache(len(ids) + max_new_tokens + (32 if split else 0))
     t0 = time.perf_counter()
     logits = model.forward(ids, cache)
     out: list[int] = []
@@ -96,10 +111,36 @@ def generate(
         stream(final[len(printed):] if final.startswith(printed) else final)
     steps = max(len(out) - 1, 0)  # forward passes after the prefill
     decode_tps = steps / decode_s if steps and decode_s > 0 else 0.0
-    wbytes = pkg.file.weight_bytes
+    bytes_per_step = _bytes_per_step(pkg, len(ids) + len(out) // 2)
+    gbs = bytes_per_step * decode_tps / 1e9
+    target = target or str(pkg.file.meta.get("target", "")) or None
+    fraction = None
+    if target:
+        from klaq.targets.profiles import TARGETS
+
+        fraction = gbs / TARGETS[target].bandwidth_gbs if target in TARGETS else None
+    matmul_s = rest_s = None
+    if split is not None and getattr(model, "cuda_graphs", False) and steps:
+        s = split(cache, iters=50)
+        matmul_s = decode_s * s.matmul_s / s.step_s
+        rest_s = decode_s - matmul_s
     return RunReport(
         prompt_tokens=len(ids), new_tokens=len(out), load_s=pkg.load_s, ttft_s=ttft,
         prefill_tok_s=len(ids) / ttft if ttft > 0 else 0.0, decode_tok_s=decode_tps,
-        peak_rss_mb=peak_rss_mb(), weight_bytes=wbytes, achieved_gbs=wbytes * decode_tps / 1e9,
-        text=final,
+        peak_rss_mb=peak_rss_mb(), weight_bytes=pkg.file.weight_bytes, achieved_gbs=gbs, text=final,
+        device=pkg.device, backend=pkg.backend, bytes_per_step=bytes_per_step, target=target,
+        bandwidth_fraction=fraction, decode_matmul_s=matmul_s, decode_rest_s=rest_s,
     )
+
+
+def _bytes_per_step(pkg: LoadedPackage, context: int) -> int:
+    """What one decode step must read: the model's own count where it has one, else every weight
+    tensor but the embedding table (one row is read) plus the KV cache at ``context``."""
+    model = pkg.model
+    if hasattr(model, "weight_bytes_per_step"):
+        return model.weight_bytes_per_step() + model.kv_bytes_per_step(context)
+    tensors = pkg.file.tensors
+    emb = tensors["token_embd.weight"].nbytes if "output.weight" in tensors else 0
+    hp = pkg.file.hparams
+    kv = 2 * hp.n_layers * hp.n_kv_heads * hp.head_dim * context * 4  # float32 cache
+    return pkg.file.weight_bytes - emb + kv

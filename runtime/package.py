@@ -10,7 +10,7 @@ from klaq.formats.gguf_package import PackageFile, read_package
 from klaq.formats.tokenizer import PackageTokenizer
 from klaq.runtime.model import NumpyDecoder
 
-BACKENDS = ("numpy",)
+BACKENDS = ("numpy", "torch", "triton")  # torch/triton: runtime/torch_model.py (needs torch)
 
 
 @dataclass
@@ -19,15 +19,44 @@ class LoadedPackage:
     model: NumpyDecoder
     tokenizer: PackageTokenizer
     load_s: float
+    backend: str = "numpy"
+    device: str = "cpu"
 
 
-def load_package(path: str, backend: str = "numpy", device: str = "cpu") -> LoadedPackage:
+def load_package(path: str, backend: str | None = None, device: str = "cpu") -> LoadedPackage:
+    """Open ``path`` for ``device``; the backend defaults to numpy on CPU and, on CUDA, to Triton
+    when it is installed, else plain torch (Jetson)."""
+    if backend is None:
+        backend = "numpy"
+        if device.startswith("cuda"):
+            from klaq.kernels import triton_available
+
+            backend = "triton" if triton_available() else "torch"
     if backend not in BACKENDS:
         raise KlaqError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-    if device != "cpu":
-        raise KlaqError(f"device {device!r} is not available to the {backend} backend (use --device cpu)")
+    if backend == "numpy" and device != "cpu":
+        raise KlaqError(f"device {device!r} is not available to the {backend} backend (use --device cpu, "
+                        "or --backend torch / triton)")
     t0 = time.perf_counter()
     pf = read_package(path)
     tok = PackageTokenizer(pf.tokenizer)
-    model = NumpyDecoder(pf)
-    return LoadedPackage(pf, model, tok, time.perf_counter() - t0)
+    model = NumpyDecoder(pf) if backend == "numpy" else _torch_decoder(pf, backend, device)
+    return LoadedPackage(pf, model, tok, time.perf_counter() - t0, backend, device)
+
+
+def _torch_decoder(pf: PackageFile, backend: str, device: str):
+    """The torch backend; imported only here, so the numpy path never loads torch."""
+    try:
+        import torch
+    except ImportError:
+        raise KlaqError(f"backend {backend!r} needs torch (pip install torch)") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KlaqError(f"--device {device} requested but no CUDA device is available")
+    if backend == "triton":
+        from klaq.kernels import triton_available
+
+        if not device.startswith("cuda") or not triton_available():
+            raise KlaqError("backend 'triton' needs a CUDA device and the triton package (use --backend torch)")
+    from klaq.runtime.torch_model import TorchDecoder
+
+    return TorchDecoder(pf, device=device, backend=backend)

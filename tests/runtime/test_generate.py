@@ -30,3 +30,18 @@ def test_sampled_generation_depends_on_seed(tiny_q4_package):
     pkg = load_package(str(tiny_q4_package))
     texts = {generate(pkg, "The", 12, temperature=1.5, top_p=0.95, seed=s, stop_at_eos=False).text for s in range(3)}
     assert len(texts) > 1
+
+
+def test_report_bandwidth_against_target(tiny_q4_package):
+    pkg = load_package(str(tiny_q4_package))
+    rep = generate(pkg, "Hi", max_new_tokens=4, stop_at_eos=False)
+    assert rep.target == "x86-cpu"  # the package's target
+    tensors = pkg.file.tensors
+    hp = pkg.file.hparams
+    expected = pkg.file.weight_bytes - tensors["token_embd.weight"].nbytes  # untied: one embedding row
+    assert rep.bytes_per_step > expected  # plus the KV cache
+    assert rep.achieved_gbs == rep.bytes_per_step * rep.decode_tok_s / 1e9
+    assert rep.bandwidth_fraction == rep.achieved_gbs / 50.0
+    rep = generate(pkg, "Hi", max_new_tokens=2, target="rpi5")
+    assert rep.bandwidth_fraction == rep.achieved_gbs / 17.0
+    assert "% of rpi5" in rep.format() and hp.n_layers == 2
