@@ -53,13 +53,18 @@ def _target_names():
 
 @click.command("export")
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Package file to write (.gguf).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Package to write (.gguf file or ONNX directory).")
 @click.option("--target", default="x86-cpu", show_default=True, help=f"Device profile: {', '.join(_target_names())}.")
 @click.option("--method", default="rtn", show_default=True, help="rtn, or fp16 (no quantization).")
 @click.option("--bits", type=int, default=None, help="2, 3, 4 or 8 [default: the target's].")
 @click.option("--group-size", type=int, default=None, help="32, 64, 128, 256 or -1 per-channel [default: the target's].")
 @click.option("--sym/--asym", default=None, help="Symmetric (Q4_0) or asymmetric (Q4_1) grid [default: the target's].")
-@click.option("--format", "fmt", default="gguf", show_default=True, help="Package format.")
+@click.option("--format", "fmt", default="gguf", show_default=True,
+              help="gguf (one file), onnx (a directory), or gguf,onnx (OUT/model.gguf + OUT/onnx/).")
+@click.option("--quantize-head", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
+              help="ONNX: quantize the (tied) output head to int4/int8 (0 keeps fp16).")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="ONNX MatMulNBits: 4 = int8 activations (fast on CPU), 0 = fp32.")
 @click.option("--calib", default="pydoc", show_default=True, help="Calibration text: pydoc, a .txt/.jsonl file, wikitext2, c4, pileval.")
 @click.option("--n-calib", type=int, default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
@@ -68,14 +73,14 @@ def _target_names():
 @click.option("--context", type=int, default=2048, show_default=True, help="Context length for the target fit check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
-def export_cmd(model, output, target, method, bits, group_size, sym, fmt, calib, n_calib, seqlen, seed, device,
-               context, as_json):
+def export_cmd(model, output, target, method, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib,
+               n_calib, seqlen, seed, device, context, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
     from klaq.toolchain.export import ExportConfig, export_model
 
     cfg = ExportConfig(model=model, output=output, target=target, method=method, bits=bits, group_size=group_size,
                        sym=sym, format=fmt, calib=calib, n_calib=n_calib, seqlen=seqlen, seed=seed, device=device,
-                       context=context)
+                       context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level))
     res = export_model(cfg, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"path": res.path, "bytes": res.bytes, "quantized_linears": res.n_quantized,

@@ -10,7 +10,7 @@ from klaq.formats.gguf_package import PackageFile, read_package
 from klaq.formats.tokenizer import PackageTokenizer
 from klaq.runtime.model import NumpyDecoder
 
-BACKENDS = ("numpy", "torch", "triton")  # torch/triton: runtime/torch_model.py (needs torch)
+BACKENDS = ("numpy", "torch", "triton", "onnxruntime")  # torch/triton need torch; onnxruntime an ONNX dir
 
 
 @dataclass
@@ -26,14 +26,18 @@ class LoadedPackage:
 def load_package(path: str, backend: str | None = None, device: str = "cpu") -> LoadedPackage:
     """Open ``path`` for ``device``; the backend defaults to numpy on CPU and, on CUDA, to Triton
     when it is installed, else plain torch (Jetson)."""
+    from klaq.formats.onnx_package import is_onnx_package
+
+    if is_onnx_package(path):
+        return _onnx_package(path, backend, device)
     if backend is None:
         backend = "numpy"
         if device.startswith("cuda"):
             from klaq.kernels import triton_available
 
             backend = "triton" if triton_available() else "torch"
-    if backend not in BACKENDS:
-        raise KlaqError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend not in BACKENDS or backend == "onnxruntime":
+        raise KlaqError(f"unknown backend {backend!r} for a GGUF package; available: numpy, torch, triton")
     if backend == "numpy" and device != "cpu":
         raise KlaqError(f"device {device!r} is not available to the {backend} backend (use --device cpu, "
                         "or --backend torch / triton)")
@@ -60,3 +64,16 @@ def _torch_decoder(pf: PackageFile, backend: str, device: str):
     from klaq.runtime.torch_model import TorchDecoder
 
     return TorchDecoder(pf, device=device, backend=backend)
+
+
+def _onnx_package(path: str, backend: str | None, device: str) -> LoadedPackage:
+    """An ONNX package directory, run by onnxruntime (CPU provider; CUDA where present)."""
+    if backend not in (None, "onnxruntime"):
+        raise KlaqError(f"{path} is an ONNX package: it runs with --backend onnxruntime, not {backend!r}")
+    try:
+        from klaq.runtime.onnx_model import load_onnx_package
+    except ImportError:
+        raise KlaqError("ONNX packages need onnxruntime (pip install onnxruntime)") from None
+    t0 = time.perf_counter()
+    model, pf = load_onnx_package(path, device=device)
+    return LoadedPackage(pf, model, PackageTokenizer(pf.tokenizer), time.perf_counter() - t0, "onnxruntime", device)

@@ -71,6 +71,8 @@ QUANT_ARCHS: dict[str, QuantArch] = {
                        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
             ScaleGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",), "self_attn.out_proj"),
             ScaleGroup("final_layer_norm", "layernorm", ("fc1",), "fc1"),
+            # ReLU is positively homogeneous: relu(x / s) = relu(x) / s, so fc1's rows can carry it
+            ScaleGroup("fc1", "linear", ("fc2",), "fc2"),
         ),
     ),
     "gpt2": QuantArch(
@@ -78,6 +80,8 @@ QUANT_ARCHS: dict[str, QuantArch] = {
         stages=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         groups=(
             ScaleGroup("ln_1", "layernorm", ("attn.c_attn",), "attn"),
+            # v is the last third of the fused c_attn outputs (a linear prev scales its last rows)
+            ScaleGroup("attn.c_attn", "linear", ("attn.c_proj",), "attn.c_proj", optional=True),
             ScaleGroup("ln_2", "layernorm", ("mlp.c_fc",), "mlp"),
         ),
         conv1d=True,

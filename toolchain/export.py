@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -16,10 +17,12 @@ from klaq.formats.tokenizer import TokenizerFacts
 from klaq.targets.fit import check_fit, kv_cache_bytes
 from klaq.targets.profiles import get_target
 from klaq.toolchain.algorithms.grid import QuantSpec
+from klaq.toolchain.data import calibration_windows, token_split
+from klaq.toolchain.engine import EngineConfig, peak_rss_mb
 from klaq.toolchain.models import LoadedModel, load_model
-from klaq.toolchain.quantize import METHODS, check_spec, quantize_model
+from klaq.toolchain.quantize import METHODS, check_spec, needs_calibration, quantize_model_ex
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "onnx", "gguf,onnx")  # both: OUT/model.gguf and OUT/onnx/
 
 
 @dataclass
@@ -38,6 +41,20 @@ class ExportConfig:
     seed: int = 0
     device: str = "cpu"
     context: int = 2048  # for the fit check's KV cache
+    quantize_head: int = 0  # ONNX: 0 (fp16 head), 4 or 8 bits
+    accuracy_level: int = 4  # ONNX MatMulNBits: 4 = int8 activations (fast on CPU), 0 = fp32
+    # calibrated methods (see toolchain/engine.py)
+    damp: float = 0.01
+    act_order: bool = False
+    beta: float = 0.0
+    tau: float = 1.0
+    kl_source: str = "layer"
+    rounding: str = "nearest"
+    salience: str = "l1"
+    propagate: bool = True
+    true_sequential: bool = True
+    micro_batch: int = 8
+    threads: int | None = None
 
 
 @dataclass
@@ -48,6 +65,9 @@ class ExportResult:
     seconds: float
     bits_per_weight: float
     meta: dict
+    quant_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
 
 
 def hparams_from_config(cfg, model_type: str) -> HParams:
@@ -112,23 +132,76 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     t0 = time.perf_counter()
     lm = load_model(cfg.model)
     get_package_arch(lm.model.config.model_type)
-    quantized = quantize_model(lm.model, cfg.method, spec, progress=progress)
-    calib_hash = hashlib.sha256(f"{cfg.calib}:{cfg.n_calib}:{cfg.seqlen}:{cfg.seed}".encode()).hexdigest()[:16]
+    calibrated = cfg.method != "fp16" and needs_calibration(cfg.method, cfg.rounding)
+    calib_ids, calib_hash = None, "none"
+    if calibrated:
+        calib_ids = calibration_ids(lm, cfg)
+        calib_hash = hashlib.sha256(np.ascontiguousarray(calib_ids).tobytes()).hexdigest()[:16]
+    engine = EngineConfig(damp=cfg.damp, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
+                          rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
+                          true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
+                          seed=cfg.seed, threads=cfg.threads)
+    tq = time.perf_counter()
+    quantized, eres = quantize_model_ex(lm.model, cfg.method, spec, progress=progress, calib_ids=calib_ids,
+                                        engine=engine)
+    quant_seconds = time.perf_counter() - tq
     meta = {
         "version": __version__, "method": cfg.method, "target": target.name, "source": cfg.model,
         "bits": 16 if cfg.method == "fp16" else spec.bits,
         "group_size": 0 if cfg.method == "fp16" else spec.group_size,
         "sym": bool(spec.sym),
-        "calibration": "none" if cfg.method in ("rtn", "fp16") else f"{cfg.calib}:{cfg.n_calib}x{cfg.seqlen}:seed{cfg.seed}",
-        "calibration_hash": "none" if cfg.method in ("rtn", "fp16") else calib_hash,
+        "calibration": f"{cfg.calib}:{cfg.n_calib}x{cfg.seqlen}:seed{cfg.seed}" if calibrated else "none",
+        "calibration_hash": calib_hash,
     }
+    if calibrated:
+        meta["method_options"] = method_options(cfg)
     pkg = build_package(lm, quantized, meta)
     hp = pkg.hparams
     weight_bytes = sum(v.nbytes_packed() if hasattr(v, "nbytes_packed") else np.asarray(v).size * 2
                        for v in pkg.tensors.values())
     check_fit(target, weight_bytes, kv_cache_bytes(hp.n_layers, hp.n_kv_heads, hp.head_dim, cfg.context))
-    size = write_package(pkg, cfg.output)
+    size = write_outputs(pkg, cfg)
     n_q = len(quantized)
     bpw = (sum(q.nbytes_packed() for q in quantized.values()) * 8 / sum(q.codes.size for q in quantized.values())
            if quantized else 16.0)
-    return ExportResult(cfg.output, size, n_q, time.perf_counter() - t0, bpw, meta)
+    return ExportResult(cfg.output, size, n_q, time.perf_counter() - t0, bpw, meta, quant_seconds=quant_seconds,
+                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=eres.peak_gpu_mb if eres is not None else None)
+
+
+def calibration_ids(lm: LoadedModel, cfg: ExportConfig) -> np.ndarray:
+    """``n_calib`` seeded windows of ``seqlen`` tokens from the calibration part of ``cfg.calib``."""
+
+    def encode(text: str) -> list[int]:
+        return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = token_split(cfg.calib, encode, "calib")
+    return calibration_windows(ids, cfg.n_calib, cfg.seqlen, cfg.seed)
+
+
+def method_options(cfg: ExportConfig) -> str:
+    """The options that change a calibrated method's result, as one short string for the manifest."""
+    parts = [f"rounding={cfg.rounding}", f"propagate={int(cfg.propagate)}", f"true_sequential={int(cfg.true_sequential)}"]
+    if "gptq" in cfg.method or "klawq" in cfg.method:
+        parts += [f"damp={cfg.damp:g}", f"act_order={int(cfg.act_order)}"]
+    if "klawq" in cfg.method:
+        parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
+    if cfg.method.startswith("awq"):
+        parts.append(f"salience={cfg.salience}")
+    return ",".join(parts)
+
+
+def write_outputs(pkg: Package, cfg: ExportConfig) -> int:
+    """Write the package in the asked format(s); returns the bytes written."""
+    if cfg.format == "gguf":
+        return write_package(pkg, cfg.output)
+    from klaq.formats.onnx_package import write_onnx_package
+
+    out = Path(cfg.output)
+    onnx_dir = out / "onnx" if cfg.format == "gguf,onnx" else out
+    if cfg.format == "gguf,onnx" and out.exists() and not out.is_dir():
+        raise KlaqError(f"{out} exists and is not a directory; --format gguf,onnx writes a directory")
+    manifest = write_onnx_package(pkg, onnx_dir, quantize_head=cfg.quantize_head, accuracy_level=cfg.accuracy_level)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    if cfg.format == "gguf,onnx":
+        size += write_package(pkg, out / "model.gguf")
+    return size

@@ -76,14 +76,18 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
     return q.clamp(0, spec.maxq)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize with exactly the package's arithmetic (fp16 ``z*s`` offsets)."""
-    k = w.shape[1]
-    gi = torch.arange(k, device=w.device) // spec.groups_for(k)
-    q = quantize_codes(w, scale, zero, spec)
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(q - z) * s`` for codes [N, K] and per-group scale/zero [N, G], with the package's arithmetic."""
+    k = q.shape[1]
+    gi = torch.arange(k, device=q.device) // spec.groups_for(k)
     if spec.sym:
         return (q - zero[:, gi]) * scale[:, gi]
     return q * scale[:, gi] - (zero * scale).half().float()[:, gi]
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize with exactly the package's arithmetic (fp16 ``z*s`` offsets)."""
+    return dequantize_codes(quantize_codes(w, scale, zero, spec), scale, zero, spec)
 
 
 def to_qweight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
