@@ -71,16 +71,19 @@ def _target_names():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda for quantization.")
 @click.option("--context", type=int, default=2048, show_default=True, help="Context length for the target fit check.")
+@click.option("--reference-windows", type=click.IntRange(0), default=8, show_default=True,
+              help="Record the FP16 perplexity on this many held-out pydoc windows (0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
 def export_cmd(model, output, target, method, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib,
-               n_calib, seqlen, seed, device, context, as_json):
+               n_calib, seqlen, seed, device, context, reference_windows, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
     from klaq.toolchain.export import ExportConfig, export_model
 
     cfg = ExportConfig(model=model, output=output, target=target, method=method, bits=bits, group_size=group_size,
                        sym=sym, format=fmt, calib=calib, n_calib=n_calib, seqlen=seqlen, seed=seed, device=device,
-                       context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level))
+                       context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level),
+                       reference_windows=reference_windows)
     res = export_model(cfg, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"path": res.path, "bytes": res.bytes, "quantized_linears": res.n_quantized,

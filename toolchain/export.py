@@ -43,6 +43,7 @@ class ExportConfig:
     context: int = 2048  # for the fit check's KV cache
     quantize_head: int = 0  # ONNX: 0 (fp16 head), 4 or 8 bits
     accuracy_level: int = 4  # ONNX MatMulNBits: 4 = int8 activations (fast on CPU), 0 = fp32
+    reference_windows: int = 8  # FP16 perplexity recorded in the package (0 = skip)
     # calibrated methods (see toolchain/engine.py)
     damp: float = 0.01
     act_order: bool = False
@@ -132,6 +133,13 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     t0 = time.perf_counter()
     lm = load_model(cfg.model)
     get_package_arch(lm.model.config.model_type)
+    ref_ppl = None
+    if cfg.reference_windows > 0:  # before quantization: AWQ folds scales into the model in place
+        from klaq.formats.tokenizer import PackageTokenizer
+        from klaq.toolchain.verify import reference_perplexity
+
+        tok = PackageTokenizer(_tokenizer_facts(lm))
+        ref_ppl = reference_perplexity(lm.model, tok.encode, "pydoc", 512, cfg.reference_windows)
     calibrated = cfg.method != "fp16" and needs_calibration(cfg.method, cfg.rounding)
     calib_ids, calib_hash = None, "none"
     if calibrated:
@@ -155,6 +163,9 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     }
     if calibrated:
         meta["method_options"] = method_options(cfg)
+    if ref_ppl is not None:
+        meta["reference_ppl"] = ref_ppl
+        meta["reference_ppl_protocol"] = f"pydoc:eval:ctx512:windows{cfg.reference_windows}"
     pkg = build_package(lm, quantized, meta)
     hp = pkg.hparams
     weight_bytes = sum(v.nbytes_packed() if hasattr(v, "nbytes_packed") else np.asarray(v).size * 2

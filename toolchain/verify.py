@@ -85,6 +85,26 @@ def reference_logits_fn(reference: str):
     return logits
 
 
+def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, max_windows: int | None = 8) -> float:
+    """FP perplexity of ``model`` (a transformers causal LM) by the verify protocol, computed in
+    fp32; recorded in packages as ``klaq.reference_ppl`` so a device can compare without the model."""
+    import torch
+
+    windows = eval_windows(token_split(dataset, encode, "eval"), ctx, max_windows)
+    dtype = next(model.parameters()).dtype
+    model.float()  # fp16 -> fp32 -> fp16 is lossless
+    nll, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for w in windows:
+                logits = model(torch.from_numpy(w[None])).logits[0, :-1].double()
+                nll -= torch.log_softmax(logits, -1)[torch.arange(ctx - 1), torch.from_numpy(w[1:])].sum().item()
+                n += ctx - 1
+    finally:
+        model.to(dtype)
+    return float(np.exp(nll / n))
+
+
 def verify_package(
     package: str, reference: str, dataset: str = "pydoc", ctx: int = 512, max_ppl_increase: float = 0.05,
     max_windows: int | None = None, progress: bool = True,

@@ -126,3 +126,14 @@ def test_other_widths_roundtrip_through_runtime(tiny_llama_dir, tmp_path, bits, 
     ref = _hf_logits(hf, ids)
     got = pkg.model.forward(ids, pkg.model.new_cache(len(ids)))
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_reference_perplexity_recorded_and_matches_verify(tiny_llama_dir, tmp_path):
+    from klaq.toolchain.verify import verify_package
+
+    path = tmp_path / "q.gguf"
+    _export(tiny_llama_dir, path, method="rtn", bits=4, group_size=32, sym=True, reference_windows=2)
+    meta = read_package(path).meta
+    assert meta["reference_ppl_protocol"] == "pydoc:eval:ctx512:windows2"
+    rep = verify_package(str(path), str(tiny_llama_dir), "pydoc", 512, 1.0, max_windows=2, progress=False)
+    assert meta["reference_ppl"] == pytest.approx(rep.ppl_reference, rel=1e-5)
