@@ -48,9 +48,10 @@ class VerifyReport:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
+    """float32 (max-shifted, so exact enough for perplexity); sums accumulate in float64."""
+    x = x.astype(np.float32, copy=False)
     m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
 class Scores:
@@ -64,9 +65,9 @@ class Scores:
         lr, lp = log_softmax(ref_logits[:-1]), log_softmax(pkg_logits[:-1])
         tgt = ids[1:]
         rows = np.arange(len(tgt))
-        self.nll_ref -= lr[rows, tgt].sum()
-        self.nll_pkg -= lp[rows, tgt].sum()
-        self.kl += (np.exp(lr) * (lr - lp)).sum()
+        self.nll_ref -= lr[rows, tgt].sum(dtype=np.float64)
+        self.nll_pkg -= lp[rows, tgt].sum(dtype=np.float64)
+        self.kl += (np.exp(lr) * (lr - lp)).sum(dtype=np.float64)
         self.agree += int((lr.argmax(-1) == lp.argmax(-1)).sum())
         self.n += len(tgt)
 
