@@ -92,8 +92,10 @@ def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, 
     import torch
 
     windows = eval_windows(token_split(dataset, encode, "eval"), ctx, max_windows)
-    dtype = next(model.parameters()).dtype
-    model.float()  # fp16 -> fp32 -> fp16 is lossless
+    params = list(model.parameters())
+    dtypes = [p.dtype for p in params]
+    for p in params:  # parameters only: buffers (RoPE inv_freq) keep their fp32; fp16->fp32->fp16 is lossless
+        p.data = p.data.float()
     nll, n = 0.0, 0
     try:
         with torch.no_grad():
@@ -102,7 +104,8 @@ def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, 
                 nll -= torch.log_softmax(logits, -1)[torch.arange(ctx - 1), torch.from_numpy(w[1:])].sum().item()
                 n += ctx - 1
     finally:
-        model.to(dtype)
+        for p, dt in zip(params, dtypes, strict=True):
+            p.data = p.data.to(dt)
     return float(np.exp(nll / n))
 
 
