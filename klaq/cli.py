@@ -55,7 +55,21 @@ def _target_names():
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Package to write (.gguf file or ONNX directory).")
 @click.option("--target", default="x86-cpu", show_default=True, help=f"Device profile: {', '.join(_target_names())}.")
-@click.option("--method", default="rtn", show_default=True, help="rtn, or fp16 (no quantization).")
+@click.option("--method", default="rtn", show_default=True,
+              help="rtn, awq, gptq, klawq, awq+gptq, awq+klawq, or fp16 (no quantization).")
+@click.option("--beta", type=float, default=0.0, show_default=True, help="KLAWQ: weight of the KL term (H + beta*A); 0 = GPTQ.")
+@click.option("--tau", type=float, default=1.0, show_default=True, help="KLAWQ: softmax temperature (--kl-source layer).")
+@click.option("--kl-source", type=click.Choice(["layer", "model"]), default="layer", show_default=True,
+              help="KLAWQ token weights: the layer's own softmax, or the whole model's Fisher.")
+@click.option("--rounding", type=click.Choice(["nearest", "greedy"]), default="nearest", show_default=True,
+              help="Optional greedy rounding-flip pass after the method.")
+@click.option("--salience", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
+              help="AWQ activation salience: mean |x| or mean x^2.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean(diag H).")
+@click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
+@click.option("--no-propagate", "propagate", flag_value=False, default=True,
+              help="Feed the next block FP outputs instead of quantized ones.")
+@click.option("--micro-batch", type=click.IntRange(1), default=8, show_default=True, help="Calibration windows per forward.")
 @click.option("--bits", type=int, default=None, help="2, 3, 4 or 8 [default: the target's].")
 @click.option("--group-size", type=int, default=None, help="32, 64, 128, 256 or -1 per-channel [default: the target's].")
 @click.option("--sym/--asym", default=None, help="Symmetric (Q4_0) or asymmetric (Q4_1) grid [default: the target's].")
@@ -75,19 +89,24 @@ def _target_names():
               help="Record the FP16 perplexity on this many held-out pydoc windows (0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
-def export_cmd(model, output, target, method, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib,
-               n_calib, seqlen, seed, device, context, reference_windows, as_json):
+def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, act_order, propagate,
+               micro_batch, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
+               device, context, reference_windows, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
     from klaq.toolchain.export import ExportConfig, export_model
 
     cfg = ExportConfig(model=model, output=output, target=target, method=method, bits=bits, group_size=group_size,
                        sym=sym, format=fmt, calib=calib, n_calib=n_calib, seqlen=seqlen, seed=seed, device=device,
                        context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level),
-                       reference_windows=reference_windows)
+                       reference_windows=reference_windows, beta=beta, tau=tau, kl_source=kl_source,
+                       rounding=rounding, salience=salience, damp=damp, act_order=act_order, propagate=propagate,
+                       micro_batch=micro_batch)
     res = export_model(cfg, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"path": res.path, "bytes": res.bytes, "quantized_linears": res.n_quantized,
-                               "bits_per_weight": res.bits_per_weight, "seconds": res.seconds, **res.meta}))
+                               "bits_per_weight": res.bits_per_weight, "seconds": res.seconds,
+                               "quant_seconds": res.quant_seconds, "peak_rss_mb": res.peak_rss_mb,
+                               "peak_gpu_mb": res.peak_gpu_mb, **res.meta}))
     else:
         click.echo(f"wrote {res.path}: {res.bytes / 2**20:.1f} MiB, {res.n_quantized} linears at "
                    f"{res.bits_per_weight:.3f} bits/weight ({res.meta['method']}, target {res.meta['target']}) "

@@ -105,3 +105,15 @@ def test_standalone_entry_points_exist():
 
     names = {ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("klaq.cli")}
     assert {"klaq", "klaq-export", "klaq-run", "klaq-verify", "klaq-targets"} <= names
+
+
+def test_export_gptq_through_cli(tiny_llama_dir, tmp_path):
+    import json
+
+    out = tmp_path / "g.gguf"
+    res = klaq("export", str(tiny_llama_dir), "-o", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
+               "--n-calib", "4", "--seqlen", "64", "--damp", "0.02", "--reference-windows", "0", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["method"] == "gptq" and info["calibration"] == "pydoc:4x64:seed0" and "damp=0.02" in info["method_options"]
+    assert info["quant_seconds"] > 0 and info["peak_rss_mb"] > 0
