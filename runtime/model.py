@@ -170,6 +170,3 @@ class NumpyDecoder:
             x = x + m
         cache.length = end
         return rms_norm(x, self.norm, hp.rms_eps) @ self.head.T
-
-
-NumpyLlama = NumpyDecoder  # the name the first version used
