@@ -35,9 +35,7 @@ def dense(pf: PackageFile, name: str, dtype=np.float32) -> np.ndarray:
         if f"{base}.qweight" in pf.tensors:
             return own_layout(pf, base).dequantize(dtype)
         raise KlaqError(f"{pf.path} lacks tensor {name}")
-    if t.type in (T.F32, T.F16, T.BF16) or t.type not in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_K,
-                                                         T.Q5_K, T.Q6_K, T.Q8_K, T.Q2_K, T.Q3_K):
-        if t.type == T.BF16:
-            return dequantize(np.asarray(t.data), t.type).reshape(t.shape).astype(dtype)
+    if t.type in (T.F32, T.F16):
         return np.asarray(t.data).reshape(t.shape).astype(dtype)
+    # BF16 and every block type (Q4_0 ... Q6_K, IQ*): gguf-py's reference decoder
     return dequantize(np.asarray(t.data), t.type).reshape(t.shape).astype(dtype, copy=False)
