@@ -8,10 +8,11 @@ float64.
 never materialises the whole float matrix. numpy has no int4 arithmetic, so the cost is the
 unpack, not memory traffic (kernels-and-style.md §3.3). The cheapest unpack numpy offers is a
 single ``np.take`` of a 256-entry table of 8-byte values: one gather turns each packed byte into
-its two float32 codes, already in K order. Codes are unpacked a block of groups at a time (about
-512 KB of float32, cache sized) and multiplied with BLAS; the per-group scale is applied to the
-small ``[groups, N, M]`` partial products instead of to every weight, and the asymmetric offset
-becomes one extra ``[N, groups] @ [groups, M]`` product with the per-group sums of ``x``.
+its two float32 codes, already in K order. Rows are unpacked a block at a time (``[64, K]`` float32,
+small enough to stay in L2) and multiplied with the activations group by group; the per-group scale
+is applied to the small ``[N, groups]`` partial products instead of to every weight, and the
+asymmetric offset becomes one ``[N, groups] @ [groups]`` product with the per-group sums of ``x``.
+Decode (one token) contracts each block with one ``einsum``; prefill uses a batched matmul per block.
 """
 
 from __future__ import annotations
@@ -35,66 +36,92 @@ def _pair_table(bias: float) -> np.ndarray:
 
 
 class NumpyW4:
-    """A 4-bit :class:`QuantizedWeight` kept packed in group-major blocks for numpy matmuls.
+    """A 4-bit :class:`QuantizedWeight` kept packed row-major for numpy matmuls.
 
-    Layout: ``packed[g, n, :]`` holds the ``group_size`` codes of group ``g`` of row ``n`` (two per
-    byte, canonical nibble order); the ragged last group, if any, sits in ``tail``.
+    Layout: ``packed[n]`` holds row ``n``'s codes in canonical nibble order, padded with zero codes
+    to whole groups (and odd groups to an even width); ``x`` is padded with zeros the same way, so
+    the padding adds nothing (symmetric: ``(0 - 8) * 0``; asymmetric: ``0 * s * 0``).
     """
 
-    block_bytes = 1 << 19  # float32 bytes unpacked per BLAS call: stays in L2
+    block_rows = 64  # rows unpacked per step: 64 x K float32 stays in L2
 
     def __init__(self, qweight: QuantizedWeight):
-        if qweight.bits != 4 or qweight.group_size % 2:
-            raise ValueError("NumpyW4 needs bits=4 and an even group size")
+        if qweight.bits != 4:
+            raise ValueError("NumpyW4 needs bits=4")
         n, k = qweight.codes.shape
-        gs = qweight.group_size
-        self.out_features, self.in_features, self.group_size = n, k, gs
-        self.n_full = k // gs
+        gs, g = qweight.group_size, qweight.n_groups
+        self.out_features, self.in_features, self.n_groups = n, k, g
+        self.tail = None
+        if g > 1 and k % gs:  # ragged: the short last group is its own (per-channel) weight
+            cut = (g - 1) * gs
+            z = qweight.zeros
+            self.tail = NumpyW4(QuantizedWeight(qweight.codes[:, cut:], qweight.scales[:, -1:],
+                                                None if z is None else z[:, -1:], 4, k - cut))
+            qweight = QuantizedWeight(qweight.codes[:, :cut], qweight.scales[:, :-1],
+                                      None if z is None else z[:, :-1], 4, gs)
+            self.n_groups = g = g - 1
+        # Each group padded to an even width, so that no byte straddles two groups.
+        self._raw_group = gs
+        self.group_size = gs + gs % 2
         self.symmetric = qweight.zeros is None
         # Symmetric: the table itself subtracts the zero point 8, so no offset term is needed.
         self.table = _pair_table(8.0 if self.symmetric else 0.0)
-        self.scales = np.ascontiguousarray(qweight.scales.astype(np.float32).T)  # [G, N]
-        self.offsets = None if self.symmetric else qweight.offsets().astype(np.float32)  # [N, G]
-        full = qweight.codes[:, : self.n_full * gs]
-        self.packed = np.ascontiguousarray(
-            pack_codes(full, 4).reshape(n, self.n_full, gs // 2).transpose(1, 0, 2))
-        self.tail_width = k - self.n_full * gs
-        if self.tail_width:
-            # An odd tail is padded by pack_codes; x is padded with zeros there, so it adds 0.
-            self.tail = pack_codes(qweight.codes[:, self.n_full * gs:], 4)[None]  # [1, N, ceil(r/2)]
+        self.scales = qweight.scales  # fp16 [N, G]; widened per call (small next to the codes)
+        self.offsets = None if self.symmetric else qweight.offsets()  # fp16 [N, G]
+        self.packed = pack_codes(self._pad(qweight.codes), 4)  # [N, G * group_size / 2]
+
+    def _pad(self, a: np.ndarray) -> np.ndarray:
+        """``[rows, K]`` -> ``[rows, G * group_size]``: zeros after K and after each odd group."""
+        rows, k = a.shape
+        raw = np.zeros((rows, self.n_groups * self._raw_group), dtype=a.dtype)
+        raw[:, :k] = a
+        if self._raw_group == self.group_size:
+            return raw
+        full = np.zeros((rows, self.n_groups, self.group_size), dtype=a.dtype)
+        full[:, :, : self._raw_group] = raw.reshape(rows, self.n_groups, self._raw_group)
+        return full.reshape(rows, -1)
 
     def nbytes(self) -> int:
         extra = 0 if self.offsets is None else self.offsets.nbytes
-        tail = self.tail.nbytes if self.tail_width else 0
-        return self.packed.nbytes + tail + self.scales.nbytes + extra
+        tail = 0 if self.tail is None else self.tail.nbytes()
+        return self.packed.nbytes + self.scales.nbytes + extra + tail
 
-    def _partials(self, packed: np.ndarray, xg: np.ndarray) -> np.ndarray:
-        """``[g, N, M]`` products of the raw codes of ``packed`` groups with ``xg [g, w, M]``."""
-        g, n, half = packed.shape
-        step = max(1, self.block_bytes // (n * half * 8))
-        out = np.empty((g, n, xg.shape[2]), dtype=np.float32)
-        buf = np.empty((min(step, g), n, half), dtype=np.uint64)
-        for g0 in range(0, g, step):
-            blk = packed[g0:g0 + step]
+    def _blocks(self):
+        """Yield ``(r0, r1, codes)``: float32 codes ``[rows, G, group_size]`` of each block of rows."""
+        n, half = self.packed.shape
+        buf = np.empty((min(self.block_rows, n), half), dtype=np.uint64)
+        for r0 in range(0, n, self.block_rows):
+            blk = self.packed[r0:r0 + self.block_rows]
             codes = np.take(self.table, blk, out=buf[: len(blk)]).view(np.float32)
-            np.matmul(codes.reshape(len(blk), n, 2 * half), xg[g0:g0 + step], out=out[g0:g0 + step])
-        return out
+            yield r0, r0 + len(blk), codes.reshape(len(blk), self.n_groups, self.group_size)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x @ W.T`` for ``x`` of shape ``[M, K]`` (or ``[K]``); float32 result."""
         x = np.asarray(x, dtype=np.float32)
-        vec = x.ndim == 1
         x2 = x.reshape(-1, self.in_features)
-        m, gs, nf = x2.shape[0], self.group_size, self.n_full
-        xg = np.ascontiguousarray(x2[:, : nf * gs].reshape(m, nf, gs).transpose(1, 2, 0))  # [G, gs, M]
-        part = self._partials(self.packed, xg)  # [G, N, M]
-        y = np.einsum("gn,gnm->mn", self.scales[:nf], part)
-        if self.tail_width:
-            xt = x2[:, nf * gs:]
-            xt = np.pad(xt, ((0, 0), (0, 2 * self.tail.shape[2] - self.tail_width))).T[None]
-            y += self.scales[nf] * self._partials(self.tail, np.ascontiguousarray(xt))[0].T
+        if self.tail is None:
+            y = self._full_groups(x2)
+        else:
+            cut = self.n_groups * self._raw_group
+            y = self._full_groups(x2[:, :cut]) + self.tail(x2[:, cut:])
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _full_groups(self, x2: np.ndarray) -> np.ndarray:
+        m, n = x2.shape[0], self.out_features
+        if x2.shape[1] != self.n_groups * self.group_size:
+            x2 = self._pad(x2)
+        xg = x2.reshape(m, self.n_groups, self.group_size)
+        if m == 1:
+            part = np.empty((n, self.n_groups), dtype=np.float32)
+            for r0, r1, codes in self._blocks():
+                np.einsum("rgk,gk->rg", codes, xg[0], out=part[r0:r1])
+            y = (part * self.scales).sum(axis=1, dtype=np.float32)[None]
+        else:
+            y = np.empty((m, n), dtype=np.float32)
+            xt = np.ascontiguousarray(xg.transpose(1, 2, 0))  # [G, group_size, M]
+            for r0, r1, codes in self._blocks():
+                part = np.matmul(codes.transpose(1, 0, 2), xt)  # [G, rows, M]
+                y[:, r0:r1] = np.einsum("grm,rg->mr", part, self.scales[r0:r1].astype(np.float32))
         if self.offsets is not None:
-            pad = (-self.in_features) % gs
-            xsum = np.pad(x2, ((0, 0), (0, pad))).reshape(m, -1, gs).sum(axis=2)  # [M, G]
-            y -= xsum @ self.offsets.T
-        return y[0] if vec else y.reshape(*x.shape[:-1], self.out_features)
+            y -= xg.sum(axis=2) @ self.offsets.astype(np.float32).T
+        return y

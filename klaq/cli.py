@@ -122,15 +122,18 @@ def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, sa
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N.")
 @click.option("--backend", default=None, help="numpy (CPU), triton or torch (CUDA) [default: by device].")
+@click.option("--resident", type=click.Choice(["f32", "int4"]), default="f32", show_default=True,
+              help="numpy backend: weights dequantized to float32 at load (fast), or 4-bit weights kept "
+                   "packed (about 1/7 of the memory, slower).")
 @click.option("--target", default=None, help="Report bandwidth against this device profile [default: the package's].")
 @click.option("--json", "as_json", is_flag=True, help="Print text and report as one JSON object.")
 @friendly
-def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, backend, target, as_json):
+def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, backend, resident, target, as_json):
     """Generate text from PACKAGE and report load time, TTFT, tokens/s and memory."""
     from klaq.runtime.generate import generate
     from klaq.runtime.package import load_package
 
-    pkg = load_package(package, backend=backend, device=device)
+    pkg = load_package(package, backend=backend, device=device, resident=resident)
     stream = None if as_json else (lambda s: click.echo(s, nl=False))
     if not as_json:
         click.echo(prompt, nl=False)

@@ -5,6 +5,12 @@ tensors as stored: for ``llama`` the Q/K rows are in llama.cpp's order, so RoPE 
 pairs; ``qwen2`` and ``gemma3`` keep HF order and rotate halves (NEOX). Gemma 3 adds an embedding
 scale, Q/K norms, "sandwich" norms around attention and MLP, GELU-tanh, and sliding-window layers
 (every 6th layer global, local layers with RoPE base 10000). float32 throughout; batch size 1.
+
+Weights are resident in one of two forms (``resident``): ``"f32"`` dequantizes every tensor once
+at load and multiplies with BLAS (fastest, 4 bytes per weight); ``"int4"`` keeps 4-bit linears
+packed (:class:`klaq.kernels.NumpyW4`, about 4.1 bits per weight) and an fp16 embedding in fp16,
+for devices where memory, not speed, is what runs out. Q/K/V and gate/up are stacked into one
+weight each either way, so a block makes four matmuls.
 """
 
 from __future__ import annotations
@@ -12,9 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
+from klaq.errors import KlaqError
 from klaq.formats.gguf_package import PackageFile
-from klaq.runtime.weights import dense
+from klaq.formats.qweight import QuantizedWeight
+from klaq.kernels.numpy_ref import NumpyW4
+from klaq.runtime.weights import concat_rows, dense, load_weight
+
+RESIDENT = ("f32", "int4")
 
 
 @dataclass(frozen=True)
@@ -63,36 +75,88 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
+class Linear:
+    """``x @ W.T`` for one or more weights stacked along N; returns one output per weight."""
+
+    def __init__(self, pf: PackageFile, names: list[str], resident: str):
+        if resident == "int4":
+            ws = [load_weight(pf, n) for n in names]
+            self.fns = [NumpyW4(w) if isinstance(w, QuantizedWeight) else _dense_fn(w) for w in concat_rows(ws)]
+        else:
+            ws = [dense(pf, n) for n in names]
+            self.fns = [_dense_fn(np.concatenate(ws) if len(ws) > 1 else ws[0])]
+        self.sizes = [w.out_features if isinstance(w, QuantizedWeight) else w.shape[0] for w in ws]
+        self.bounds = np.cumsum(self.sizes)[:-1]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        y = self.fns[0](x) if len(self.fns) == 1 else np.concatenate([f(x) for f in self.fns], axis=-1)
+        return np.split(y, self.bounds, axis=-1) if len(self.sizes) > 1 else [y]
+
+
+def _dense_fn(w: np.ndarray):
+    return lambda x: x @ w.T
+
+
+class HalfHead:
+    """``x @ E.T`` for an fp16 embedding kept in fp16: widened a block of rows at a time."""
+
+    block_rows = 4096
+
+    def __init__(self, w: np.ndarray):
+        self.w = w
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = self.w.shape[0]
+        y = np.empty((*x.shape[:-1], n), dtype=np.float32)
+        for r0 in range(0, n, self.block_rows):
+            y[..., r0:r0 + self.block_rows] = x @ self.w[r0:r0 + self.block_rows].astype(np.float32).T
+        return y
+
+
 class Layer:
     """One block's tensors; optional ones (biases, Q/K norms, sandwich norms) are None."""
 
-    def __init__(self, pf: PackageFile, i: int):
-        def get(name: str, required: bool = True):
+    def __init__(self, pf: PackageFile, i: int, resident: str = "f32"):
+        def has(name: str) -> bool:
             full = f"blk.{i}.{name}"
-            present = full in pf.tensors or f"{full.removesuffix('.weight')}.qweight" in pf.tensors
-            return dense(pf, full) if (present or required) else None
+            return full in pf.tensors or f"{full.removesuffix('.weight')}.qweight" in pf.tensors
+
+        def get(name: str, required: bool = True):
+            return dense(pf, f"blk.{i}.{name}") if (required or has(name)) else None
+
+        def lin(*names: str) -> Linear:
+            return Linear(pf, [f"blk.{i}.{n}.weight" for n in names], resident)
 
         self.attn_norm, self.ffn_norm = get("attn_norm.weight"), get("ffn_norm.weight")
-        self.wq, self.wk, self.wv, self.wo = (get(f"{n}.weight") for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
+        self.qkv, self.wo = lin("attn_q", "attn_k", "attn_v"), lin("attn_output")
         self.bq, self.bk, self.bv = (get(f"{n}.bias", False) for n in ("attn_q", "attn_k", "attn_v"))
         self.q_norm, self.k_norm = get("attn_q_norm.weight", False), get("attn_k_norm.weight", False)
         self.post_attn_norm, self.post_ffn_norm = get("post_attention_norm.weight", False), get("post_ffw_norm.weight", False)
-        self.w_gate, self.w_up, self.w_down = (get(f"{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down"))
+        self.gate_up, self.down = lin("ffn_gate", "ffn_up"), lin("ffn_down")
 
 
-def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    y = x @ w.T
+def _bias(y: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     return y if b is None else y + b
 
 
 class NumpyDecoder:
-    def __init__(self, pf: PackageFile):
+    def __init__(self, pf: PackageFile, resident: str = "f32"):
+        if resident not in RESIDENT:
+            raise KlaqError(f"unknown weight residency {resident!r}; choose from {', '.join(RESIDENT)}")
         self.hp = hp = pf.hparams
         self.facts = RUNTIME_FACTS[hp.arch]
-        self.embed = dense(pf, "token_embd.weight")
-        self.head = dense(pf, "output.weight") if "output.weight" in pf.tensors else self.embed
+        self.resident = resident
+        emb = pf.tensors.get("token_embd.weight")
+        keep_half = resident == "int4" and emb is not None and emb.type == T.F16
+        self.embed = dense(pf, "token_embd.weight", np.float16 if keep_half else np.float32)
+        if "output.weight" in pf.tensors or "output.qweight" in pf.tensors:
+            self.head = Linear(pf, ["output.weight"], resident)
+        elif keep_half:
+            self.head = HalfHead(self.embed)
+        else:
+            self.head = _dense_fn(self.embed)
         self.norm = dense(pf, "output_norm.weight")
-        self.layers = [Layer(pf, i) for i in range(hp.n_layers)]
+        self.layers = [Layer(pf, i, resident) for i in range(hp.n_layers)]
         half = hp.head_dim // 2
         exps = np.arange(half, dtype=np.float64) * 2 / hp.head_dim
         self.inv_freq = 1.0 / hp.rope_theta**exps
@@ -134,21 +198,22 @@ class NumpyDecoder:
         pos = np.arange(start, start + t)
         end = start + t
         group = hp.n_heads // hp.n_kv_heads
-        scale = 1.0 / np.sqrt(hp.head_dim)
+        scale = np.float32(1.0 / np.sqrt(hp.head_dim))  # a float64 scalar would promote everything after it
         kpos = np.arange(end)[None, :]
         causal = np.where(kpos > pos[:, None], -np.inf, 0.0).astype(np.float32)
         local = np.where((kpos > pos[:, None]) | (kpos <= pos[:, None] - hp.sliding_window), -np.inf, 0.0)
         local = local.astype(np.float32)
-        x = self.embed[ids]
+        x = self.embed[ids].astype(np.float32)
         if facts.embed_scale:
             x = x * np.float32(np.sqrt(hp.hidden))
         for li, L in enumerate(self.layers):
             is_local = self.is_local(li)
             inv_freq = self.local_inv_freq if is_local else self.inv_freq
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
-            q = _linear(h, L.wq, L.bq).reshape(t, hp.n_heads, hp.head_dim).transpose(1, 0, 2)
-            k = _linear(h, L.wk, L.bk).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
-            v = _linear(h, L.wv, L.bv).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
+            q, k, v = L.qkv(h)
+            q = _bias(q, L.bq).reshape(t, hp.n_heads, hp.head_dim).transpose(1, 0, 2)
+            k = _bias(k, L.bk).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
+            v = _bias(v, L.bv).reshape(t, hp.n_kv_heads, hp.head_dim).transpose(1, 0, 2)
             if L.q_norm is not None:
                 q, k = rms_norm(q, L.q_norm, hp.rms_eps), rms_norm(k, L.k_norm, hp.rms_eps)
             cache.k[li, :, start:end] = self._rope(k, pos, inv_freq)
@@ -159,14 +224,16 @@ class NumpyDecoder:
             s = s + (local if is_local else causal)
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             p = (s / s.sum(axis=-1, keepdims=True)).reshape(hp.n_kv_heads, group * t, end)
-            o = (p @ vals).reshape(hp.n_heads, t, hp.head_dim).transpose(1, 0, 2).reshape(t, -1) @ L.wo.T
+            o = L.wo((p @ vals).reshape(hp.n_heads, t, hp.head_dim).transpose(1, 0, 2).reshape(t, -1))[0]
             if facts.sandwich:
                 o = rms_norm(o, L.post_attn_norm, hp.rms_eps)
             x = x + o
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-            m = (self.act(h @ L.w_gate.T) * (h @ L.w_up.T)) @ L.w_down.T
+            gate, up = L.gate_up(h)
+            m = L.down(self.act(gate) * up)[0]
             if facts.sandwich:
                 m = rms_norm(m, L.post_ffn_norm, hp.rms_eps)
             x = x + m
         cache.length = end
-        return rms_norm(x, self.norm, hp.rms_eps) @ self.head.T
+        logits = self.head(rms_norm(x, self.norm, hp.rms_eps))
+        return logits[0] if isinstance(logits, list) else logits

@@ -23,9 +23,10 @@ class LoadedPackage:
     device: str = "cpu"
 
 
-def load_package(path: str, backend: str | None = None, device: str = "cpu") -> LoadedPackage:
+def load_package(path: str, backend: str | None = None, device: str = "cpu", resident: str = "f32") -> LoadedPackage:
     """Open ``path`` for ``device``; the backend defaults to numpy on CPU and, on CUDA, to Triton
-    when it is installed, else plain torch (Jetson)."""
+    when it is installed, else plain torch (Jetson). ``resident`` ("f32" or "int4") is how the
+    numpy backend keeps its weights (see :mod:`klaq.runtime.model`)."""
     from klaq.formats.onnx_package import is_onnx_package
 
     if is_onnx_package(path):
@@ -44,7 +45,7 @@ def load_package(path: str, backend: str | None = None, device: str = "cpu") -> 
     t0 = time.perf_counter()
     pf = read_package(path)
     tok = PackageTokenizer(pf.tokenizer)
-    model = NumpyDecoder(pf) if backend == "numpy" else _torch_decoder(pf, backend, device)
+    model = NumpyDecoder(pf, resident) if backend == "numpy" else _torch_decoder(pf, backend, device)
     return LoadedPackage(pf, model, tok, time.perf_counter() - t0, backend, device)
 
 

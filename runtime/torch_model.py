@@ -29,80 +29,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType as T
 
-from klaq.formats.ggml_blocks import BLOCK, GGML_TYPE_SIZE, from_ggml
 from klaq.formats.gguf_package import PackageFile
 from klaq.formats.qweight import QuantizedWeight
 from klaq.runtime.model import RUNTIME_FACTS
-from klaq.runtime.weights import dense, own_layout
+from klaq.runtime.weights import concat_rows, dense, load_weight
 
 KERNEL_BACKENDS = ("torch", "triton")  # which kernels.prepare backend runs the quantized matmuls
 # M = 1 Triton launch overrides for small models (hidden <= 1024): bench/gpu_decode.py --sweep on an
 # H100, SmolLM2 shapes: block_n=16 gave 892 tok/s against 816 with the kernels' defaults.
 SMALL_MODEL_DECODE_CONFIG = {"block_n": 16}
-MAX_KERNEL_GROUP = 256  # the Triton kernels take group sizes 32..256
 
 
 # -- weights ---------------------------------------------------------------------------------
-
-
-def _merge_groups(qw: QuantizedWeight, group_size) -> QuantizedWeight:
-    """Per-32 scales (as GGUF blocks store them) back to the package's group size when exact."""
-    k = qw.in_features
-    gs = int(group_size or 0)
-    if gs <= 0 or gs >= k:
-        gs = k
-    if gs <= qw.group_size or gs % BLOCK or gs > MAX_KERNEL_GROUP or qw.group_size != BLOCK or k % BLOCK:
-        return qw
-    blk_group = np.arange(k // BLOCK) * BLOCK // gs
-    first = np.unique(blk_group, return_index=True)[1]
-    s = qw.scales
-    if not np.array_equal(s, s[:, first][:, blk_group]):
-        return qw
-    z = qw.zeros
-    if z is not None and not np.array_equal(z, z[:, first][:, blk_group]):
-        return qw
-    return QuantizedWeight(qw.codes, s[:, first], None if z is None else z[:, first], qw.bits, gs)
-
-
-def load_weight(pf: PackageFile, name: str) -> QuantizedWeight | np.ndarray:
-    """A 4-bit weight as a canonical :class:`QuantizedWeight`, anything else as dense float32.
-
-    Q4_1 blocks that a zero point cannot express exactly (files from other tools store an arbitrary
-    ``m``) come back dense, so the result always equals the numpy runtime's weights.
-    """
-    t = pf.tensors.get(name)
-    if t is None:
-        base = name.removesuffix(".weight")
-        if f"{base}.qweight" in pf.tensors:
-            qw = own_layout(pf, base)
-            return qw if qw.bits == 4 else qw.dequantize()
-        return dense(pf, name)  # raises the usual "lacks tensor" error
-    if t.type not in (T.Q4_0, T.Q4_1) or len(t.shape) != 2:
-        return dense(pf, name)
-    qw = from_ggml(t.data, t.type, t.shape)
-    if t.type == T.Q4_1:
-        n, k = t.shape
-        blocks = np.asarray(t.data, dtype=np.uint8).reshape(n, k // BLOCK, GGML_TYPE_SIZE[T.Q4_1])
-        m = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).reshape(n, k // BLOCK)
-        if not np.array_equal(m, -qw.offsets()):
-            return dense(pf, name)
-    return _merge_groups(qw, pf.meta.get("group_size"))
-
-
-def _concat(parts: list[QuantizedWeight | np.ndarray]) -> list[QuantizedWeight | np.ndarray]:
-    """Stack weights along the output dimension into one when their layouts agree."""
-    if all(isinstance(p, np.ndarray) for p in parts):
-        return [np.concatenate(parts, axis=0)]
-    if all(isinstance(p, QuantizedWeight) for p in parts):
-        a = parts[0]
-        if all(p.bits == a.bits and p.group_size == a.group_size and p.symmetric == a.symmetric
-               and p.in_features == a.in_features for p in parts):
-            z = None if a.symmetric else np.concatenate([p.zeros for p in parts])
-            return [QuantizedWeight(np.concatenate([p.codes for p in parts]),
-                                    np.concatenate([p.scales for p in parts]), z, a.bits, a.group_size)]
-    return parts
 
 
 class Linear:
@@ -111,7 +50,7 @@ class Linear:
     def __init__(self, weights: list[QuantizedWeight | np.ndarray], device: torch.device, dtype: torch.dtype,
                  backend: str):
         self.fns, self.nbytes, self.out_features, self.quantized = [], 0, 0, []
-        for w in _concat(weights):
+        for w in concat_rows(weights):
             if isinstance(w, QuantizedWeight):
                 from klaq.kernels import prepare
 

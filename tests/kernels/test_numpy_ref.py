@@ -43,3 +43,12 @@ def test_wrong_layout_is_caught():
     w = NumpyW4(qw)
     w.scales = w.scales[::-1].copy()
     assert rel_err(w(x), reference_matmul(x, qw)) > 1e-2
+
+
+@pytest.mark.parametrize("k,group_size", [(101, 101), (75, 25), (33, 32)])
+def test_numpy_fallback_odd_groups_and_per_channel(k, group_size):
+    """Odd group widths (per-channel on an odd K) are padded per group, not only at the end."""
+    for m in (1, 5):
+        qw = random_qweight(12, k, group_size, asym=True, seed=k)
+        x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+        assert rel_err(NumpyW4(qw)(x), reference_matmul(x, qw)) < 1e-5

@@ -98,6 +98,11 @@ def test_export_run_json(tiny_llama_dir, tmp_path):
     rep = json.loads(res.stdout)
     assert rep["new_tokens"] == 3 and set(rep) >= {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s",
                                                    "peak_rss_mb", "weight_bytes"}
+    res4 = klaq("run", str(out), "-p", "Hi", "-n", "3", "--json", "--resident", "int4")
+    assert res4.returncode == 0, res4.stderr
+    assert json.loads(res4.stdout)["text"] == rep["text"]  # same greedy tokens with packed weights
+    bad = klaq("run", str(out), "--resident", "int2")  # click's usage error: exit 2, choices named
+    assert bad.returncode == 2 and "'f32', 'int4'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_standalone_entry_points_exist():

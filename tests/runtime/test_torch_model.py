@@ -16,7 +16,8 @@ if not HAS_CUDA:  # must precede the first import of a @triton.jit module
 
 from klaq.formats.gguf_package import read_package  # noqa: E402
 from klaq.runtime.model import NumpyDecoder  # noqa: E402
-from klaq.runtime.torch_model import TorchDecoder, _merge_groups, load_weight  # noqa: E402
+from klaq.runtime.torch_model import TorchDecoder  # noqa: E402
+from klaq.runtime.weights import load_weight, merge_groups  # noqa: E402
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 ARCHS = ["llama", "qwen2", "gemma3_text"]
@@ -95,10 +96,10 @@ def test_merge_groups_only_when_exact(packages):
     t = pf.tensors["blk.0.attn_q.weight"]
     q32 = from_ggml(t.data, t.type, t.shape)
     assert t.type == T.Q4_0 and q32.group_size == 32
-    q64 = _merge_groups(q32, 64)
+    q64 = merge_groups(q32, 64)
     assert q64.group_size == 64 and np.array_equal(q64.dequantize(), q32.dequantize())
     q32.scales[0, 1] += 1  # blocks of one group disagree: keep 32
-    assert _merge_groups(q32, 64).group_size == 32
+    assert merge_groups(q32, 64).group_size == 32
 
 
 @pytest.mark.skipif(not has_triton(), reason="needs triton")
