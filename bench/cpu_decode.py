@@ -12,8 +12,11 @@ forward pass; decode tok/s = decode steps / their time (the sampling argmax incl
 system). Systems are interleaved within each repeat so that load from other processes on a shared
 machine hits all of them alike; the median of ``--repeats`` is reported, with the load average.
 
-llama.cpp: ``llama-cpp-python`` built from its PyPI sdist (``CMAKE_ARGS="-DGGML_NATIVE=ON" pip
-install llama-cpp-python``). klaq's GGUF stores the (tied) embedding in fp16, so llama.cpp's
+llama.cpp: ``llama-cpp-python`` built from its PyPI sdist. On an AMX-capable Xeon, ``-DGGML_NATIVE=ON``
+built a library that crashed (general protection fault in libggml-cpu), so the flags are explicit:
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+pip install --no-binary llama-cpp-python llama-cpp-python``. klaq's GGUF stores the (tied) embedding in fp16, so llama.cpp's
 output head is fp16 there; the ONNX rows say which head each uses.
 """
 
@@ -109,6 +112,33 @@ class LlamaCppRunner:
         return self._last()
 
 
+def resident_bytes(model) -> int:
+    """Bytes of weights the numpy decoder keeps: packed codes for NumpyW4, arrays otherwise."""
+    from klaq.kernels import NumpyW4
+
+    total, seen = 0, set()
+
+    def add(obj):
+        nonlocal total
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, NumpyW4):
+            total += obj.nbytes()
+        elif isinstance(obj, np.ndarray):
+            total += obj.nbytes
+        elif callable(obj) and getattr(obj, "__closure__", None):  # a dense lambda: its matrix
+            for cell in obj.__closure__:
+                add(cell.cell_contents)
+        elif hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                for item in (v if isinstance(v, list) else [v]):
+                    add(item)
+
+    add(model)
+    return total
+
+
 def run_once(runner, ids, new_tokens: int) -> tuple[float, float, list[int]]:
     t0 = time.perf_counter()
     tok = runner.prefill(ids)
@@ -173,7 +203,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--numpy-repeats", type=int, default=1, help="the numpy runtime is slow; 0 skips it")
+    ap.add_argument("--numpy-repeats", type=int, default=1, help="repeats of the numpy runtime (f32 and int4 "
+                    "resident); 0 skips it")
     ap.add_argument("--variants", default=",".join(ONNX_VARIANTS), help="ONNX variants to run")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("KLAQ_CACHE", os.path.expanduser("~/.cache/klaq")),
                                                       "bench-cpu-decode"))
@@ -227,17 +258,19 @@ def main(argv=None) -> dict:
             results[name].prefill.append(p)
             results[name].decode.append(d)
             results[name].tokens = out
-    if args.numpy_repeats:
-        name = "klaq numpy GGUF"
-        results[name] = Result(name, note="numpy runtime, GGUF Q4_0 (dequantized at load)")
-        sizes[name] = numpy_pkg.file.weight_bytes
-        r = KlaqRunner(numpy_pkg.model)
-        run_once(r, ids[:16], 2)
-        for _ in range(args.numpy_repeats):
-            p, d, out = run_once(r, ids, args.new_tokens)
-            results[name].prefill.append(p)
-            results[name].decode.append(d)
-            results[name].tokens = out
+    if args.numpy_repeats:  # after the interleaved systems: the int4-resident path is ~10x slower
+        for resident in ("f32", "int4"):
+            name = f"klaq numpy GGUF ({resident} resident)"
+            model = load_package(gguf, resident=resident).model
+            results[name] = Result(name, note=f"numpy runtime, GGUF Q4_0, weights resident as {resident}")
+            sizes[name] = resident_bytes(model)
+            r = KlaqRunner(model)
+            run_once(r, ids[:16], 2)
+            for _ in range(args.numpy_repeats):
+                p, d, out = run_once(r, ids, args.new_tokens)
+                results[name].prefill.append(p)
+                results[name].decode.append(d)
+                results[name].tokens = out
     load_after = os.getloadavg()
 
     summary = [results[n].summary() for n in results]

@@ -63,13 +63,41 @@ def lazy_block(block_size: int, group: int, k: int) -> int:
     return group * max(1, block_size // group)
 
 
+def _use_triton(kernel: str | None, device: torch.device) -> bool:
+    if kernel not in (None, "torch", "triton"):
+        raise ValueError(f"unknown GPTQ column kernel {kernel!r}")
+    if kernel is None:
+        if device.type != "cuda":
+            return False
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return kernel == "triton"
+
+
+def _columns_torch(w1, u1, scale, zero, col_g, codes1, err1, a, b, spec):
+    """The reference column loop (columns ``a .. b-1`` of the lazy block ``w1``)."""
+    for i in range(a, b):
+        g = col_g[i]
+        col = w1[:, i : i + 1]
+        sg, zg = scale[:, g : g + 1], zero[:, g : g + 1]
+        q = quantize_codes(col, sg, zg, spec)
+        dq = dequantize_codes(q, sg, zg, spec)
+        e = (col - dq) / u1[i, i]
+        w1[:, i:] -= e * u1[i : i + 1, i:]
+        codes1[:, i : i + 1] = q
+        err1[:, i : i + 1] = e
+
+
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
-    block_size: int = 128,
+    block_size: int = 128, kernel: str | None = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, GPTQInfo]:
     """Quantize ``weight`` [N, K] given ``hessian`` [K, K]; returns (qweight, dequantized W, info).
 
-    Runs on the device of ``weight`` in fp32; the inputs are not modified.
+    Runs on the device of ``weight`` in fp32; the inputs are not modified. ``kernel`` picks the
+    column loop: ``"torch"`` (one column at a time), ``"triton"`` (:mod:`.gptq_kernel`, a run of
+    columns per launch), or None: Triton on CUDA when it is installed.
     """
     w = weight.detach().float().clone()
     n, k = w.shape
@@ -96,38 +124,47 @@ def gptq_quantize(
         s, z = fit_grid(w0, spec)
         codes = quantize_codes(w0, s, z, spec)
         return to_qweight(codes, s, z, spec), dequantize_codes(codes, s, z, spec), GPTQInfo(used, 0.0, n_dead, True)
+    triton_loop = _use_triton(kernel, w.device)
+    if triton_loop:
+        u = u.contiguous()  # the kernel reads rows of U
     codes = torch.zeros(n, k, device=w.device)
-    deq = torch.zeros(n, k, device=w.device)
-    loss = torch.zeros(n, device=w.device)
+    err = torch.zeros(n, k, device=w.device)
     bs = block_size if act_order else lazy_block(block_size, gs, k)
     col_g = col_group.tolist()
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = w[:, i1:i2].contiguous()
         u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            g = col_g[c]
-            if perm is None and c % gs == 0:  # dynamic group: fit on the current columns
-                g_end = min(c + gs, k)
-                cols = w1[:, i : i + g_end - c] if g_end <= i2 else torch.cat([w1[:, i:], w[:, i2:g_end]], 1)
+        codes1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        # Runs of columns that share grids: with dynamic groups a grid is fitted when the loop
+        # reaches its group's first column, on the group's current (error-updated) columns.
+        cuts = [i1] + ([c for c in range(i1 + 1, i2) if c % gs == 0] if perm is None else []) + [i2]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+            if perm is None and a % gs == 0:
+                g, g_end = col_g[a], min(a + gs, k)
+                cols = w1[:, a - i1 : g_end - i1] if g_end <= i2 else torch.cat([w1[:, a - i1 :], w[:, i2:g_end]], 1)
                 s, z = fit_grid(cols, spec)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            col = w1[:, i : i + 1]
-            sg, zg = scale[:, g : g + 1], zero[:, g : g + 1]
-            q = quantize_codes(col, sg, zg, spec)
-            dq = dequantize_codes(q, sg, zg, spec)
-            codes[:, c : c + 1] = q
-            deq[:, c : c + 1] = dq
-            d = u1[i, i]
-            e = (col - dq) / d
-            loss += (e[:, 0] ** 2) / 2
-            w1[:, i:] -= e * u1[i : i + 1, i:]
-            err1[:, i : i + 1] = e
+            if triton_loop:
+                from klaq.toolchain.algorithms.gptq_kernel import gptq_columns
+
+                zterm = zero if spec.sym else (zero * scale).half().float()
+                gcols = col_group[i1:i2].to(torch.int32).contiguous()
+                gptq_columns(w1, u1, scale.contiguous(), zterm.contiguous(), gcols, codes1, err1, a - i1, b - i1,
+                             spec.maxq, spec.sym)
+            else:
+                _columns_torch(w1, u1, scale, zero, col_g[i1:i2], codes1, err1, a - i1, b - i1, spec)
+        codes[:, i1:i2], err[:, i1:i2] = codes1, err1
         if i2 < k:
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    loss = float((err.double() ** 2).sum() / 2)
+    gi = col_group
+    if spec.sym:
+        deq = (codes - zero[:, gi]) * scale[:, gi]
+    else:
+        deq = codes * scale[:, gi] - (zero * scale).half().float()[:, gi]
     if perm is not None:
         inv = torch.argsort(perm)
         codes, deq = codes[:, inv], deq[:, inv]
-    return to_qweight(codes, scale, zero, spec), deq, GPTQInfo(used, float(loss.sum()), n_dead)
+    return to_qweight(codes, scale, zero, spec), deq, GPTQInfo(used, loss, n_dead)
