@@ -16,6 +16,13 @@ which tests pin bit for bit), computed in fp32, like the FP16 reference (fp16 we
 Each method runs in its own subprocess so that its peak RSS is its own; time = quantization only.
 Method specs: ``name`` or ``klawq:BETA:TAU[:SOURCE]`` / ``awq+klawq:BETA:TAU``; ``+greedy`` suffix adds
 ``--rounding greedy``.
+
+Peers: ``llmc-gptq`` and ``llmc-awq`` run llm-compressor (bench/peer_llmcompressor.py) in its own
+virtual environment on the same FP16 model directory and the same calibration windows, and are
+scored like klaq's rows from their dequantized weights; time = llm-compressor's ``oneshot`` only.
+Set the environment up once and point ``--peer-python`` (or ``$KLAQ_LLMC_PYTHON``) at it:
+
+    python -m venv ~/.llmc && ~/.llmc/bin/pip install torch==2.13.0 llmcompressor
 """
 
 from __future__ import annotations
@@ -130,7 +137,15 @@ def run_one(args) -> dict:
     name, opts = parse_method(args.one)
     row = {"method": args.one, "config": args.config}
     seconds, bpw = 0.0, 16.0
-    if name != "fp16":
+    if name.startswith("llmc-"):
+        seconds, row["peak_rss_mb"], weights = run_peer(args, lm, name.removeprefix("llmc-"), bits, group, sym)
+        model = lm.model.float()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, w in weights.items():
+                params[key].copy_(w)
+        bpw = bits + 16 / group + (0 if sym else bits / group)  # the same layout as klaq's rows
+    elif name != "fp16":
         calib = calibration_ids(lm, ExportConfig(model=args.model, output="", n_calib=args.n_calib,
                                                  seqlen=args.seqlen, seed=args.seed))
         engine = EngineConfig(device=args.device, seed=args.seed, threads=args.threads, **opts)
@@ -157,6 +172,33 @@ def run_one(args) -> dict:
         lp = logprobs(model, windows)
         row[set_name] = scores(ref["lp"][set_name], lp, windows)
     return row
+
+
+def run_peer(args, lm, method: str, bits: int, group: int, sym: bool):
+    """llm-compressor's ``method`` in its own environment; returns (seconds, peak RSS MB, weights)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from klaq.toolchain.export import ExportConfig, calibration_ids
+    from klaq.toolchain.models import hf_dir
+
+    python = args.peer_python or os.environ.get("KLAQ_LLMC_PYTHON")
+    if not python:
+        raise SystemExit("llm-compressor rows need --peer-python or $KLAQ_LLMC_PYTHON (see the module docstring)")
+    calib = calibration_ids(lm, ExportConfig(model=args.model, output="", n_calib=args.n_calib, seqlen=args.seqlen,
+                                             seed=args.seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, out = os.path.join(tmp, "calib.npy"), os.path.join(tmp, "weights.safetensors")
+        np.save(ids, np.asarray(calib, dtype=np.int64))
+        cmd = [python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model-dir", hf_dir(args.model),
+               "--calib", ids, "--method", method, "--bits", str(bits), "--group-size", str(group),
+               "--threads", str(args.threads), "--out", out] + ([] if sym else ["--asym"])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"llm-compressor {method} failed:\n{p.stderr[-3000:]}")
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+        return info["seconds"], info["peak_rss_mb"], load_file(out)
 
 
 def reference(args):
@@ -222,6 +264,7 @@ def main():
     ap.add_argument("--out", default=None, help="Markdown file whose quality section is rewritten")
     ap.add_argument("--results", default="bench/results", help="directory for the JSON lines")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--peer-python", default=None, help="python of llm-compressor's environment (llmc-* rows)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--ref-cache", help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -244,7 +287,8 @@ def main():
     base = [sys.executable, __file__, "--model", args.model, "--n-calib", str(args.n_calib), "--seqlen",
             str(args.seqlen), "--seed", str(args.seed), "--ctx", str(args.ctx), "--windows", str(args.windows),
             "--ood-windows", str(args.ood_windows), "--device", args.device, "--threads", str(args.threads),
-            "--ref-cache", str(ref_cache)] + (["--progress"] if args.progress else [])
+            "--ref-cache", str(ref_cache)] + (["--progress"] if args.progress else []) + \
+        (["--peer-python", args.peer_python] if args.peer_python else [])
     if not ref_cache.exists():
         subprocess.run(base + ["--reference"], check=True)
     tables = []

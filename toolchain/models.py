@@ -167,6 +167,13 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def hf_dir(source: str) -> str:
+    """A Hugging Face model directory (or hub id) holding ``source``'s FP weights, for tools that
+    load models themselves (the llm-compressor peer in bench/quality.py)."""
+    kind, path = resolve_source(source)
+    return str(_dequantized_gguf(path)) if kind in ("alias", "gguf") else path
+
+
 def load_model(source: str, dtype: str = "float16") -> LoadedModel:
     """The FP reference model + tokenizer for any supported source."""
     import torch

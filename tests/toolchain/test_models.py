@@ -38,3 +38,9 @@ def test_gguf_source_is_dequantized_and_cached(tiny_llama_dir, tiny_q4_package, 
 def test_hf_dir_source(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
     assert lm.gguf_path is None and lm.model.config.model_type == "llama"
+
+
+def test_hf_dir_passes_directories_through(tiny_llama_dir):
+    from klaq.toolchain.models import hf_dir
+
+    assert hf_dir(str(tiny_llama_dir)) == str(tiny_llama_dir)
