@@ -66,6 +66,8 @@ def _target_names():
 @click.option("--salience", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="AWQ activation salience: mean |x| or mean x^2.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean(diag H).")
+@click.option("--hessian-shrink", "shrink", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="GPTQ/KLAWQ: add this times diag(H) to H (robustness to a narrow calibration set).")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
 @click.option("--no-propagate", "propagate", flag_value=False, default=True,
               help="Feed the next block FP outputs instead of quantized ones.")
@@ -89,8 +91,8 @@ def _target_names():
               help="Record the FP16 perplexity on this many held-out pydoc windows (0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
-def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, act_order, propagate,
-               micro_batch, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
+def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, shrink, act_order,
+               propagate, micro_batch, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
                device, context, reference_windows, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
     from klaq.toolchain.export import ExportConfig, export_model
@@ -99,7 +101,7 @@ def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, sa
                        sym=sym, format=fmt, calib=calib, n_calib=n_calib, seqlen=seqlen, seed=seed, device=device,
                        context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level),
                        reference_windows=reference_windows, beta=beta, tau=tau, kl_source=kl_source,
-                       rounding=rounding, salience=salience, damp=damp, act_order=act_order, propagate=propagate,
+                       rounding=rounding, salience=salience, damp=damp, shrink=shrink, act_order=act_order, propagate=propagate,
                        micro_batch=micro_batch)
     res = export_model(cfg, progress=not as_json)
     if as_json:

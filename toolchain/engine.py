@@ -74,6 +74,7 @@ class EngineConfig:
     method: str = "gptq"
     spec: QuantSpec = field(default_factory=QuantSpec)
     damp: float = 0.01  # GPTQ dampening, fraction of mean(diag H)
+    shrink: float = 0.0  # GPTQ: H + shrink * diag(H) (correlations shrunk toward the diagonal)
     act_order: bool = False  # GPTQ columns by descending diag(H), static groups
     block_size: int = 128  # GPTQ lazy-batch width
     beta: float = 0.0  # KLAWQ: H + beta * A
@@ -361,7 +362,7 @@ def _quantize_linear(w: torch.Tensor, st: InputStats | None, a: torch.Tensor | N
             a = a / max(st.n, 1)
         htot = klawq_hessian(h, a, cfg.beta if cfg.method.endswith("klawq") else 0.0)
         qw, deq, ginfo = gptq_quantize(w, htot, spec, damp=cfg.damp, act_order=cfg.act_order,
-                                       block_size=cfg.block_size)
+                                       block_size=cfg.block_size, shrink=cfg.shrink)
         info.update(damp=ginfo.damp, dead=ginfo.dead, fallback=ginfo.fallback)
     else:
         scale, zero = fit_grid(w, spec)
@@ -394,8 +395,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         raise KlaqError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {cfg.rounding!r}")
     if cfg.kl_source not in KL_SOURCES:
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
-    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0:
-        raise KlaqError("need --beta >= 0, --tau > 0 and --damp >= 0")
+    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0:
+        raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0 and --hessian-shrink >= 0")
     arch = get_quant_arch(model.config.model_type)
     awq_block = _awq_fn() if cfg.method.startswith("awq") else None
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

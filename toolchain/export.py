@@ -46,6 +46,7 @@ class ExportConfig:
     reference_windows: int = 8  # FP16 perplexity recorded in the package (0 = skip)
     # calibrated methods (see toolchain/engine.py)
     damp: float = 0.01
+    shrink: float = 0.0
     act_order: bool = False
     beta: float = 0.0
     tau: float = 1.0
@@ -145,7 +146,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     if calibrated:
         calib_ids = calibration_ids(lm, cfg)
         calib_hash = hashlib.sha256(np.ascontiguousarray(calib_ids).tobytes()).hexdigest()[:16]
-    engine = EngineConfig(damp=cfg.damp, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
+    engine = EngineConfig(damp=cfg.damp, shrink=cfg.shrink, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
                           rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
                           true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
                           seed=cfg.seed, threads=cfg.threads)
@@ -194,6 +195,8 @@ def method_options(cfg: ExportConfig) -> str:
     parts = [f"rounding={cfg.rounding}", f"propagate={int(cfg.propagate)}", f"true_sequential={int(cfg.true_sequential)}"]
     if "gptq" in cfg.method or "klawq" in cfg.method:
         parts += [f"damp={cfg.damp:g}", f"act_order={int(cfg.act_order)}"]
+        if cfg.shrink:
+            parts.append(f"shrink={cfg.shrink:g}")
     if "klawq" in cfg.method:
         parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
     if cfg.method.startswith("awq"):

@@ -101,3 +101,26 @@ def test_scale_invariance():
     a, _, _ = gptq_quantize(w, h, QuantSpec(4, 32, False))
     b, _, _ = gptq_quantize(w, h * 8, QuantSpec(4, 32, False))  # power of two: exact in fp32
     np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def test_hessian_shrink_moves_gptq_toward_rtn():
+    """shrink = 0 is plain GPTQ; a huge shrink leaves only the diagonal, so no error feedback: RTN."""
+    import torch
+
+    from klaq.toolchain.algorithms.gptq import gptq_quantize
+    from klaq.toolchain.algorithms.grid import QuantSpec, fit_grid, quantize_codes
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(400, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated inputs
+    h = x.T @ x
+    spec = QuantSpec(4, 32, False)
+    plain, _, _ = gptq_quantize(w, h, spec)
+    zero, _, _ = gptq_quantize(w, h, spec, shrink=0.0)
+    mild, _, _ = gptq_quantize(w, h, spec, shrink=0.5)
+    huge, _, _ = gptq_quantize(w, h, spec, shrink=1e7)
+    s, z = fit_grid(w, spec)
+    rtn = quantize_codes(w, s, z, spec).to(torch.uint8).numpy()
+    assert (zero.codes == plain.codes).all()
+    assert (mild.codes != plain.codes).any() and (mild.codes != rtn).any()
+    assert (huge.codes != rtn).mean() < 0.005

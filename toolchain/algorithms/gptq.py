@@ -7,6 +7,11 @@ of each column is spread over the columns not yet quantized through the upper Ch
 
 * Damping ``λ = damp · mean(diag H)``; when a Cholesky factorization fails the damping grows
   (+0.01 per retry, doubling above 0.1) and the damping actually used is reported.
+* ``shrink`` (``--hessian-shrink``) adds ``shrink · diag(H)`` before damping: a shrinkage of the
+  input correlations toward their diagonal. The diagonal (each input's energy) is what a narrow
+  calibration set estimates well; the off-diagonal correlations are what GPTQ's error feedback
+  exploits and what overfits to it. ``shrink = 0`` is plain GPTQ; large values approach
+  importance-weighted rounding (llama.cpp's imatrix), which holds up out of domain.
 * Dead inputs (``H_ii = 0``: the column never sees a non-zero input) get ``H_ii = 1`` and a zero
   weight, as in every reference implementation.
 * Lazy blocks of ``block_size`` (128) columns, rounded to a multiple of the group size so that a
@@ -91,7 +96,7 @@ def _columns_torch(w1, u1, scale, zero, col_g, codes1, err1, a, b, spec):
 
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
-    block_size: int = 128, kernel: str | None = None,
+    block_size: int = 128, kernel: str | None = None, shrink: float = 0.0,
 ) -> tuple[QuantizedWeight, torch.Tensor, GPTQInfo]:
     """Quantize ``weight`` [N, K] given ``hessian`` [K, K]; returns (qweight, dequantized W, info).
 
@@ -109,6 +114,8 @@ def gptq_quantize(
     if n_dead:
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
+    if shrink:
+        h.diagonal().mul_(1.0 + shrink)
     scale = torch.zeros(n, n_groups, device=w.device)
     zero = torch.zeros(n, n_groups, device=w.device)
     col_group = torch.arange(k, device=w.device) // gs
