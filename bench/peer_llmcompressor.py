@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import sys
 import time
 
-import numpy as np
-import torch
+# This directory holds bench/kernels.py, which would shadow Hugging Face's ``kernels`` package.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def main():
