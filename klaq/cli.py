@@ -66,8 +66,9 @@ def _target_names():
 @click.option("--salience", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="AWQ activation salience: mean |x| or mean x^2.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean(diag H).")
-@click.option("--hessian-shrink", "shrink", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="GPTQ/KLAWQ: add this times diag(H) to H (robustness to a narrow calibration set).")
+@click.option("--hessian-shrink", "shrink", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="GPTQ/KLAWQ: add this times diag(H) to H, for robustness to a narrow calibration set "
+                   "(0 = plain GPTQ).")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
 @click.option("--no-propagate", "propagate", flag_value=False, default=True,
               help="Feed the next block FP outputs instead of quantized ones.")

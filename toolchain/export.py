@@ -46,7 +46,7 @@ class ExportConfig:
     reference_windows: int = 8  # FP16 perplexity recorded in the package (0 = skip)
     # calibrated methods (see toolchain/engine.py)
     damp: float = 0.01
-    shrink: float = 0.0
+    shrink: float = 0.5
     act_order: bool = False
     beta: float = 0.0
     tau: float = 1.0
@@ -195,8 +195,7 @@ def method_options(cfg: ExportConfig) -> str:
     parts = [f"rounding={cfg.rounding}", f"propagate={int(cfg.propagate)}", f"true_sequential={int(cfg.true_sequential)}"]
     if "gptq" in cfg.method or "klawq" in cfg.method:
         parts += [f"damp={cfg.damp:g}", f"act_order={int(cfg.act_order)}"]
-        if cfg.shrink:
-            parts.append(f"shrink={cfg.shrink:g}")
+        parts.append(f"shrink={cfg.shrink:g}")
     if "klawq" in cfg.method:
         parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
     if cfg.method.startswith("awq"):
