@@ -73,8 +73,8 @@ def sync():
 
 
 SWEEP = [  # (M = 1 Triton matmul launch overrides, decode-attention keys per step)
-    (None, 64), (None, 128), (dict(split=1), 128), (dict(block_n=16), 128), (dict(block_n=64, split=2), 128),
-    (dict(num_warps=2), 128), (dict(block_n=16, split=2, num_warps=2), 128), (dict(split=1, block_n=16), 128),
+    (None, 64), (None, 128), (dict(tiles=2), 128), (dict(num_warps=8), 128), (dict(block_n=16, tiles=2), 128),
+    (dict(kernel="gemv", block_m=1, block_n=16, split=4, num_warps=4, num_stages=1), 128),  # the old default
 ]
 
 

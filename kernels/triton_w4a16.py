@@ -18,15 +18,25 @@ Both kernels read one layout, made once at load by :func:`repack` from the canon
 top mantissa bits of 1.0, giving ``1 + q/16``; no int->float conversion, which runs at a quarter
 of the FMA rate), and one FMA turns that into ``q * s - o`` exactly (see :func:`_nibble_1p`).
 
-Work split (§4.3): the GEMV (M = 1 by default) gives each program ``BLOCK_N`` rows and a
-contiguous share of the K tiles; the GEMM (M >= 2, M padded to 16) tiles ``BLOCK_M x BLOCK_N`` and
-dequantizes one ``[SUB, BLOCK_N]`` slice at a time into the activation dtype for ``tl.dot``. With
-split-K the partial sums meet in a shared fp32 workspace, finished by the last program of each
-tile (:func:`_store_split`), so every call is a single launch.
+Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 
-Measured on an H100 (bench/kernels.py): M = 1 about 1.5-1.8x cuBLAS fp16 on Llama-3-8B shapes,
-M = 16 about 1.2-1.5x, M >= 64 well below cuBLAS (the BK = 512 x tile makes the GEMM's
-shared-memory stages large); PyTorch's tinygemm reaches 2.2-2.5x at M = 1.
+* ``gemv`` (M <= 8): each program takes ``BLOCK_N`` rows and a contiguous share of the K tiles;
+  products accumulate elementwise and reduce once at the end. Large layers at M = 1.
+* ``gemv_wide`` (M = 1): the same, loading ``TILES`` K-tiles per step and no split-K: few
+  programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's atomics
+  are pure latency.
+* ``gemm`` (M padded to 16): ``BLOCK_M x BLOCK_N`` tiles, one ``[SUB, BLOCK_N]`` weight slice
+  dequantized at a time into the activation dtype for ``tl.dot``. M = 2-16.
+* ``gemm_swap``: ``Y^T = W X^T``, the dequantized weight as the left operand (it may stay in
+  registers, only x is staged); ``nested`` loops one slice per pipelined step. M = 17-128.
+* ``dequant``: the whole weight to the activation dtype in a scratch buffer, then cuBLAS. M > 128.
+
+With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
+each tile (:func:`_store_split`), so every call is a single launch.
+
+Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 1.6-1.8x cuBLAS fp16 on
+Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.35-1.5x on SmolLM2's; M = 16 about 1.45-1.58x; M = 64
+0.7-1.04x; M = 256 0.5-0.6x.
 """
 
 from __future__ import annotations
@@ -46,11 +56,18 @@ BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
 
 
 def choose_block_k(in_features: int, group_size: int) -> int:
-    """Largest BK whose slices fit in a group, preferring the one that pads K least."""
+    """Largest BK whose slices fit in a group and whose padding stays within half of K.
+
+    Wide tiles win even when they pad: at K = 576 a GEMV over BK = 256 (768 codes) or 512 (1024)
+    took 2.4-2.6 us on an H100 against 3.4 us over BK = 128 (640); bench/kernel_sweep.py. The
+    half-K cap keeps the padding's memory cost bounded (576 -> 768, not 1024).
+    """
     fits = [bk for bk in BLOCK_K_CHOICES if group_size % (bk // 8) == 0]
     if not fits:
         raise ValueError(f"group size {group_size} must be a multiple of 16")
-    return min(fits, key=lambda bk: (-(-in_features // bk) * bk, -bk))
+    padded = {bk: -(-in_features // bk) * bk for bk in fits}
+    ok = [bk for bk in fits if 2 * (padded[bk] - in_features) <= in_features]
+    return max(ok) if ok else min(fits, key=lambda bk: (padded[bk], -bk))
 
 
 @dataclass
@@ -228,60 +245,257 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, mask, SPLIT)
 
 
-def default_config(m: int, n: int, k: int) -> dict:
-    """Launch parameters by batch size, from bench/kernels.py sweeps on an H100 (4096 x 4096).
+@triton.jit
+def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
+                      group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+    # M = 1 only. Like _gemv_kernel, but each step loads TILES K-tiles of BLOCK_N rows at once
+    # ([BLOCK_N, TILES, SUB] words): more bytes in flight per program, so few programs (small N,
+    # no split-K) still keep enough loads outstanding to cover DRAM latency.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n3 = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]
+    t3 = tl.arange(0, TILES)[None, :, None]
+    j3 = tl.max_contiguous(tl.arange(0, SUB), SUB)[None, None, :]
+    jx = tl.max_contiguous(tl.multiple_of(tl.arange(0, SUB), 4), 4)[None, None, :]
+    zero = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.float32)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    for t0 in range(t_start, t_end, TILES):
+        tt = t0 + t3
+        live = tt < t_end
+        w = tl.load(w_ptr + n3 * Kw + tt * SUB + j3, mask=live, other=0, eviction_policy="evict_first")
+        for i in tl.static_range(8):
+            kb = tt * (8 * SUB) + i * SUB  # [1, TILES, 1]: first code of each slice
+            if EVEN_K:
+                xk = tl.load(x_ptr + kb + jx + zero, mask=live, other=0.0)
+            else:
+                xk = tl.load(x_ptr + kb + jx + zero, mask=live & (kb + j3 < K), other=0.0)
+            g = kb // group_size
+            s16 = 16.0 * tl.load(s_ptr + g * N + n3, mask=live, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                c = s16 + tl.load(o_ptr + g * N + n3, mask=live, other=0.0).to(tl.float32)
+            else:
+                c = 1.5 * s16
+            acc += (_nibble_1p(w, i) * s16 - c) * xk.to(tl.float32)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    m2 = tl.arange(0, 1)[:, None]
+    n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (m2 < M) & (n2 < N)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
 
-    M = 1 takes the CUDA-core GEMV; from M = 2 the tensor-core GEMM with M padded to 16 was
-    faster than the GEMV in every sweep, so it takes over there.
+
+@triton.jit
+def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
+                      group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                      DOT_F32: tl.constexpr = False, NESTED: tl.constexpr = False):
+    # Y^T = W X^T: the dequantized weight slice [BLOCK_N, SUB] is the *left* operand. On Hopper the
+    # left wgmma operand may come from registers (the right one must sit in shared memory), so the
+    # freshly dequantized weight goes straight into the tensor core and only x is staged; weight
+    # rows fill the instruction's 64-wide M side, tokens its narrow N side (>= 16).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    pid_n, pid_m = pid // grid_m, pid % grid_m  # neighbours share a weight tile: one DRAM read
+    offs_n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    offs_m = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1)
+    offs_j = tl.max_contiguous(tl.arange(0, SUB), SUB)
+    dtype = x_ptr.dtype.element_ty
+    w_rows = w_ptr + offs_n[:, None] * Kw + offs_j[None, :]  # [BLOCK_N, SUB]
+    x_cols = x_ptr + offs_m[None, :] * stride_xm + offs_j[:, None]  # [SUB, BLOCK_M]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    t0 = pid_k * tiles_per_split
+    t_end = tl.minimum(t0 + tiles_per_split, n_tiles)
+    if NESTED:
+        # One K-slice per step of a *dynamic* inner loop, so the pipeliner stages x one [SUB, BLOCK_M]
+        # slice at a time (a whole BK = 512 tile per stage does not fit shared memory at large M);
+        # the next tile's weight words are fetched into registers while this one is consumed.
+        w = tl.load(w_rows + t0 * SUB, eviction_policy="evict_first")
+        for t in range(t0, t_end):
+            w_next = tl.load(w_rows + tl.minimum(t + 1, t_end - 1) * SUB, eviction_policy="evict_first")
+            for i in range(8):
+                k0 = t * 8 * SUB + i * SUB
+                if EVEN_K:
+                    xk = tl.load(x_cols + k0)
+                else:
+                    xk = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
+                g = k0 // group_size
+                s16 = 16.0 * tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+                if HAS_ZERO:
+                    c = s16 + tl.load(o_ptr + g * N + offs_n).to(tl.float32)
+                else:
+                    c = 1.5 * s16
+                q1p = (((w >> (4 * i)) << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True)
+                wd = (q1p * s16[:, None] - c[:, None]).to(dtype)
+                if DOT_F32:
+                    acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
+                else:
+                    acc = tl.dot(wd, xk, acc)
+            w = w_next
+    else:
+        for t in range(t0, t_end):
+            w = tl.load(w_rows + t * SUB, eviction_policy="evict_first")
+            for i in tl.static_range(8):
+                k0 = t * 8 * SUB + i * SUB
+                if EVEN_K:
+                    xk = tl.load(x_cols + k0)
+                else:
+                    xk = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
+                g = k0 // group_size
+                s16 = 16.0 * tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+                if HAS_ZERO:
+                    c = s16 + tl.load(o_ptr + g * N + offs_n).to(tl.float32)
+                else:
+                    c = 1.5 * s16
+                wd = (_nibble_1p(w, i) * s16[:, None] - c[:, None]).to(dtype)
+                if DOT_F32:
+                    acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
+                else:
+                    acc = tl.dot(wd, xk, acc)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    out = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, mask, SPLIT)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, Kw, group_size, HAS_ZERO: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    # One [BLOCK_N, 8 * SUB] tile of W in the activation dtype, for the dequantize + cuBLAS path.
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.minimum(offs_n, N - 1)[:, None]
+    j = tl.arange(0, SUB)[None, :]
+    w = tl.load(w_ptr + n * Kw + t * SUB + j, eviction_policy="evict_first")
+    for i in tl.static_range(8):
+        k0 = t * 8 * SUB + i * SUB
+        g = k0 // group_size
+        s16 = 16.0 * tl.load(s_ptr + g * N + n).to(tl.float32)
+        if HAS_ZERO:
+            c = s16 + tl.load(o_ptr + g * N + n).to(tl.float32)
+        else:
+            c = 1.5 * s16
+        wd = _nibble_1p(w, i) * s16 - c
+        mask = (offs_n < N)[:, None] & (k0 + j < K)
+        tl.store(out_ptr + n * K + k0 + j, wd.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(w: TritonW4, dtype=torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole weight ``[N, K]`` in ``dtype`` (same rounding as the fused kernels)."""
+    out = torch.empty((w.out_features, w.in_features), device=w.qweight.device, dtype=dtype) if out is None else out
+    block_n = 32
+    grid = (triton.cdiv(w.out_features, block_n), w.n_tiles)
+    offsets = w.offsets if w.offsets is not None else w.scales
+    _dequant_kernel[grid](w.qweight, w.scales, offsets, out, w.out_features, w.in_features, w.qweight.shape[1],
+                          w.group_size, HAS_ZERO=w.offsets is not None, BLOCK_N=block_n, SUB=w.block_k // 8,
+                          num_warps=4)
+    return out
+
+
+def default_config(m: int, n: int, k: int) -> dict:
+    """Launch parameters by batch size, from bench/kernel_sweep.py on an H100 (bench/results/).
+
+    * M = 1, small layers (N * K < 4M, SmolLM2's): ``gemv_wide``, no split-K: 2.4-3.4 us, 1.35-1.5x
+      cuBLAS, where the split-K GEMV took 4.0-4.8 us (its atomics and tile counter are latency).
+    * M = 1, large layers: the split-K ``gemv`` (1.6-1.8x cuBLAS on Llama-3-8B shapes).
+    * M = 2-16: ``gemm`` with M padded to 16 (1.45-1.58x cuBLAS at M = 16).
+    * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side): 0.7-1.04x at M = 64,
+      where ``gemm`` reached 0.5-0.65x.
+    * M > 128: ``dequant`` + cuBLAS, 0.5-0.6x at M = 256; every fused variant swept (``gemm``,
+      ``gemm_swap`` plain and nested) stayed at or below 0.47x there.
     """
     if m == 1:
-        wide = n >= 2048
-        return dict(kernel="gemv", block_m=1, block_n=64 if wide else 32, split=4, num_warps=8 if wide else 4,
-                    num_stages=1 if wide else 3)
+        if n * k < 1 << 22:
+            return dict(kernel="gemv_wide", block_n=8 if k < 1024 else 4, tiles=4, split=1, num_warps=4,
+                        num_stages=1)
+        return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(kernel="gemm", block_m=16, block_n=32, split=4, num_warps=4, num_stages=2)
-    if m <= 64:
-        return dict(kernel="gemm", block_m=m if m in (32, 64) else 64, block_n=64, split=2, num_warps=4,
+    if m <= 128:
+        return dict(kernel="gemm_swap", block_m=32 if m <= 32 else 64, block_n=128, split=4, num_warps=8,
                     num_stages=2)
-    return dict(kernel="gemm", block_m=64, block_n=128, split=1, num_warps=8, num_stages=2)
+    return dict(kernel="dequant")
+
+
+KERNELS = ("gemv", "gemv_wide", "gemm", "gemm_swap", "dequant")
 
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
-    """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`."""
+                 num_stages: int | None = None, tiles: int | None = None, nested: bool | None = None) -> torch.Tensor:
+    """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
+
+    ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per
+    step), ``gemm`` / ``gemm_swap`` (tensor cores, x or the weight as the left operand), or
+    ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
+    """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features).contiguous()
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = default_config(m, n, k)
-    if kernel == "gemv" and block_m is None:
-        block_m = triton.next_power_of_2(m)
-    for key, val in dict(kernel=kernel, block_m=block_m, block_n=block_n, split=split,
-                         num_warps=num_warps, num_stages=num_stages).items():
+    if kernel is not None and kernel != cfg["kernel"]:
+        cfg = dict(kernel=kernel, block_m=16, block_n=32, split=1, num_warps=4, num_stages=2, tiles=1)
+    if cfg["kernel"] == "gemv" and block_m is None:
+        cfg["block_m"] = triton.next_power_of_2(m)
+    for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
+                         num_stages=num_stages, tiles=tiles, nested=nested).items():
         if val is not None:
             cfg[key] = val
-    split = max(1, min(cfg["split"], w.n_tiles))
+    kind = cfg["kernel"]
+    if kind not in KERNELS:
+        raise ValueError(f"unknown kernel {kind!r}; choose from {KERNELS}")
+    if kind == "gemv_wide" and m != 1:
+        raise ValueError("gemv_wide takes one row of activations")
+    if kind == "dequant":
+        y = torch.nn.functional.linear(x2, dequantize(w, x.dtype, _scratch(x.device, x.dtype, n * k).view(n, k)))
+        return y.reshape(*lead, n)
+    step = cfg.get("tiles", 1) if kind == "gemv_wide" else 1
+    split = max(1, min(cfg["split"], -(-w.n_tiles // step)))
     tps = -(-w.n_tiles // split)
+    tps = -(-tps // step) * step  # whole steps per split
     split = -(-w.n_tiles // tps)  # no empty programs
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    gemv = cfg["kernel"] == "gemv"
-    tiles = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
-    ws, counters = _workspace(x.device, m * n if split > 1 else 0, tiles)
+    gemv = kind.startswith("gemv")
+    tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
+    ws, counters = _workspace(x.device, m * n if split > 1 else 0, tiles_out)
     offsets = w.offsets if w.offsets is not None else w.scales  # unused when symmetric
     args = (x2, w.qweight, w.scales, offsets, y, ws, counters, m, n, k, w.qweight.shape[1], x2.stride(0),
             y.stride(0), w.group_size, tps, w.n_tiles)
     meta = dict(HAS_ZERO=w.offsets is not None, EVEN_K=k % w.block_k == 0, BLOCK_N=cfg["block_n"],
                 SUB=w.block_k // 8, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if gemv:
-        grid = (triton.cdiv(n, cfg["block_n"]), split)
-        _gemv_kernel[grid](*args, BLOCK_M=cfg["block_m"], **meta)
+    dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
+    if kind == "gemv":
+        _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
+    elif kind == "gemv_wide":
+        _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
-        _gemm_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
-                           **meta)
+        if kind == "gemm":
+            _gemm_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **meta)
+        else:
+            _gemm_swap_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, NESTED=cfg.get("nested", False),
+                                    **meta)
     return y.reshape(*lead, n)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device, dtype, numel: int) -> torch.Tensor:
+    """One growing buffer per device and dtype for the dequantized weight (``dequant`` kernel)."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, device=device, dtype=dtype)
+        _SCRATCH[(device, dtype)] = buf
+    return buf[:numel]
 
 
 _WORKSPACES: dict = {}

@@ -36,9 +36,6 @@ from klaq.runtime.model import RUNTIME_FACTS
 from klaq.runtime.weights import concat_rows, dense, load_weight
 
 KERNEL_BACKENDS = ("torch", "triton")  # which kernels.prepare backend runs the quantized matmuls
-# M = 1 Triton launch overrides for small models (hidden <= 1024): bench/gpu_decode.py --sweep on an
-# H100, SmolLM2 shapes: block_n=16 gave 892 tok/s against 816 with the kernels' defaults.
-SMALL_MODEL_DECODE_CONFIG = {"block_n": 16}
 
 
 # -- weights ---------------------------------------------------------------------------------
@@ -246,8 +243,6 @@ class TorchDecoder:
         self._rope_len = 0
         self._mm_log: list | None = None
         self.attn_block_n = 128  # keys per step of the Triton decode-attention loop
-        if hp.hidden <= 1024:
-            self.set_decode_config(SMALL_MODEL_DECODE_CONFIG)
         self.embed_scale = float(np.float32(np.sqrt(hp.hidden))) if self.facts.embed_scale else None
 
     # -- sizes -----------------------------------------------------------------------------

@@ -55,6 +55,43 @@ def test_both_kernels_split_k_and_dtypes(dtype, kernel, m, split):
     check(24, 320, 64, True, m, dtype, kernel=kernel, split=split)
 
 
+NEW_PATHS = [("gemv_wide", 1, dict(block_n=8, tiles=2)), ("gemv_wide", 1, dict(block_n=4, tiles=4, split=2)),
+             ("gemm_swap", 3, dict(block_m=16, block_n=16)), ("gemm_swap", 17, dict(block_m=16, block_n=32, split=2)),
+             ("gemm_swap", 17, dict(block_m=16, block_n=32, nested=True)),
+             ("gemm_swap", 5, dict(block_m=16, block_n=16, split=3, nested=True)), ("dequant", 5, {})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("kernel,m,config", NEW_PATHS, ids=lambda v: str(v))
+def test_wide_swap_and_dequant_paths(kernel, m, config, asym, dtype):
+    """K = 576 at group 64: BK = 256 gives 3 tiles, ragged against every TILES and split above."""
+    check(40, 576, 64, asym, m, dtype, seed=m, kernel=kernel, **config)
+
+
+def test_dequantize_is_the_reference_weight():
+    """The dequant path's weight is the contract's ``q * s - o`` rounded once to fp16."""
+    from klaq.kernels.triton_w4a16 import dequantize
+
+    qw = random_qweight(24, 576, 64, asym=True)
+    w = dequantize(repack(qw, DEVICE), torch.float16).cpu().numpy()
+    assert np.array_equal(w, qw.dequantize().astype(np.float16))
+
+
+def test_gemv_wide_rejects_batches():
+    qw = random_qweight(8, 64, 64, asym=False)
+    with pytest.raises(ValueError, match="one row"):
+        w4a16_matmul(torch.randn(2, 64).half().to(DEVICE), repack(qw, DEVICE), kernel="gemv_wide")
+
+
+@pytest.mark.parametrize("m,kind", [(1, "gemv_wide"), (1, "gemv"), (4, "gemm"), (16, "gemm"), (17, "gemm_swap"),
+                                    (128, "gemm_swap"), (129, "dequant")])
+def test_default_config_by_batch(m, kind):
+    from klaq.kernels.triton_w4a16 import default_config
+
+    assert default_config(m, 576 if kind == "gemv_wide" else 4096, 576 if kind == "gemv_wide" else 4096)["kernel"] == kind
+
+
 def test_long_ragged_k():
     check(16, 4096 + 64, 128, True, 1, kernel="gemv", block_n=16)
 
@@ -70,13 +107,17 @@ def test_gpu_shapes(n, k, group_size, asym, m, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_wide", "gemm", "gemm_swap", "gemm_swap_nested"])
 @pytest.mark.parametrize("split", [1, 2, 4, 8])
 @pytest.mark.parametrize("block_n", [8, 16, 32, 64, 128])
 def test_gpu_configs(kernel, split, block_n):
-    m = 4 if kernel == "gemv" else 24
-    check(1000, 4096 + 64, 128, True, m, kernel=kernel, split=split, block_n=block_n,
-          block_m=4 if kernel == "gemv" else 32)
+    m = {"gemv": 4, "gemv_wide": 1}.get(kernel, 24)
+    extra = dict(nested=True) if kernel.endswith("_nested") else {}
+    if kernel == "gemv_wide":
+        extra = dict(tiles=max(1, 64 // block_n))
+    else:
+        extra["block_m"] = 4 if kernel == "gemv" else 32
+    check(1000, 4096 + 64, 128, True, m, kernel=kernel.removesuffix("_nested"), split=split, block_n=block_n, **extra)
 
 
 def test_split_k_leaves_workspace_clean():
