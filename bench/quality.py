@@ -14,6 +14,9 @@ For speed the quantized model is evaluated in transformers with its weights repl
 package's dequantized weights (``QuantizedWeight.dequantize()``: the numbers the numpy runtime uses,
 which tests pin bit for bit), computed in fp32, like the FP16 reference (fp16 weights in fp32).
 Each method runs in its own subprocess so that its peak RSS is its own; time = quantization only.
+The FP16 log-probs are computed once and cached (``$KLAQ_CACHE/bench``); for vocabularies above
+100k entries (Gemma-3: 262k, where they would need tens of GB) or with ``--live-ref`` each method's
+subprocess keeps an FP16 copy and scores both models batch by batch instead.
 Method specs: ``name`` or ``klawq:BETA:TAU[:SOURCE]`` / ``awq+klawq:BETA:TAU``; ``+greedy`` suffix adds
 ``--rounding greedy``.
 
@@ -28,6 +31,7 @@ Set the environment up once and point ``--peer-python`` (or ``$KLAQ_LLMC_PYTHON`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -43,6 +47,8 @@ CONFIGS = {  # name -> (bits, group, sym)
 }
 DEFAULT_METHODS = "rtn,awq,gptq,klawq:0:1,klawq:0.1:1,klawq:0.5:1,klawq:0.5:0.5,awq+gptq,awq+klawq:0.1:1"
 FORTUNES = Path("/usr/share/games/fortunes")
+LIVE = "live"  # --ref-cache value: score against a live FP16 copy instead of stored log-probs
+LIVE_VOCAB = 100_000  # vocabularies above this are scored live (stored log-probs would not fit RAM)
 SKIP_FORTUNES = {"art", "ascii-art"}  # pictures, not prose
 
 
@@ -101,6 +107,29 @@ def scores(ref_lp, lp, windows: np.ndarray) -> dict:
     return {"ppl": float(torch.exp(nll)), "ppl_ref": float(torch.exp(nll_ref)), "kl": kl / n, "top1": agree}
 
 
+def scores_live(ref_model, model, windows: np.ndarray, batch: int = 2) -> dict:
+    """:func:`scores` without stored reference log-probs: both models run batch by batch.
+
+    For large vocabularies (Gemma-3's 262k), where the FP16 log-probs of every evaluation token
+    would need tens of GB; the sums are the same as :func:`scores`' (fp16-rounded log-probs).
+    """
+    import torch
+
+    nll = nll_ref = kl = 0.0
+    agree = n = 0
+    for lo in range(0, len(windows), batch):
+        w = windows[lo : lo + batch]
+        r, q = logprobs(ref_model, w, batch).float(), logprobs(model, w, batch).float()
+        tgt = torch.from_numpy(w[:, 1:])[..., None]
+        nll -= float(q.gather(-1, tgt).sum())
+        nll_ref -= float(r.gather(-1, tgt).sum())
+        for rr, qq in zip(r, q, strict=True):
+            kl += float((rr.exp() * (rr - qq)).sum())
+        agree += int((r.argmax(-1) == q.argmax(-1)).sum())
+        n += tgt.numel()
+    return {"ppl": float(np.exp(nll / n)), "ppl_ref": float(np.exp(nll_ref / n)), "kl": kl / n, "top1": agree / n}
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     """``klawq:0.1:1[:model]``, ``gptq:damp=0.05``, ``rtn+greedy`` -> (method, EngineConfig overrides)."""
     from klaq.toolchain.engine import EngineConfig
@@ -133,6 +162,8 @@ def run_one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
+    live = args.ref_cache == LIVE
+    ref_model = copy.deepcopy(lm.model).float() if live else None  # before quantization touches it
     bits, group, sym = CONFIGS[args.config]
     name, opts = parse_method(args.one)
     row = {"method": args.one, "config": args.config}
@@ -166,6 +197,10 @@ def run_one(args) -> dict:
         model = lm.model.float()
         row["peak_rss_mb"] = peak_rss_mb()
     row.update(seconds=seconds, bpw=bpw)
+    if live:
+        for set_name, windows in eval_sets(lm.tokenizer, args.windows, args.ood_windows, args.ctx).items():
+            row[set_name] = scores_live(ref_model, model, windows)
+        return row
     ref = torch.load(args.ref_cache)
     for set_name, windows in ref["windows"].items():
         windows = windows.numpy()
@@ -211,6 +246,14 @@ def reference(args):
     model = lm.model.float()
     sets = eval_sets(lm.tokenizer, args.windows, args.ood_windows, args.ctx)
     torch.save({"windows": {k: torch.from_numpy(w) for k, w in sets.items()}, "lp": {k: logprobs(model, w) for k, w in sets.items()}}, args.ref_cache)
+
+
+def vocab_size(model: str) -> int:
+    from transformers import AutoConfig
+
+    from klaq.toolchain.models import hf_dir
+
+    return int(AutoConfig.from_pretrained(hf_dir(model)).get_text_config().vocab_size)
 
 
 def fmt_table(model: str, config: str, rows: list[dict], sets: list[str]) -> str:
@@ -265,6 +308,8 @@ def main():
     ap.add_argument("--results", default="bench/results", help="directory for the JSON lines")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--peer-python", default=None, help="python of llm-compressor's environment (llmc-* rows)")
+    ap.add_argument("--live-ref", action="store_true",
+                    help=f"score against a live FP16 copy (automatic above {LIVE_VOCAB} vocabulary entries)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--ref-cache", help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -284,12 +329,14 @@ def main():
     ref_dir = cache_dir() / "bench"  # FP16 log-probs: GBs, kept out of the repository
     ref_dir.mkdir(parents=True, exist_ok=True)
     ref_cache = ref_dir / f"ref-{tag}-{args.windows}-{args.ood_windows}-{args.ctx}.pt"
+    if args.live_ref or vocab_size(args.model) > LIVE_VOCAB:
+        ref_cache = LIVE
     base = [sys.executable, __file__, "--model", args.model, "--n-calib", str(args.n_calib), "--seqlen",
             str(args.seqlen), "--seed", str(args.seed), "--ctx", str(args.ctx), "--windows", str(args.windows),
             "--ood-windows", str(args.ood_windows), "--device", args.device, "--threads", str(args.threads),
             "--ref-cache", str(ref_cache)] + (["--progress"] if args.progress else []) + \
         (["--peer-python", args.peer_python] if args.peer_python else [])
-    if not ref_cache.exists():
+    if ref_cache != LIVE and not ref_cache.exists():
         subprocess.run(base + ["--reference"], check=True)
     tables = []
     for config in args.config:
