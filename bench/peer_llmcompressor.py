@@ -65,6 +65,11 @@ def main():
         from llmcompressor.modifiers.awq import AWQModifier
 
         recipe = AWQModifier(config_groups=groups, ignore=["lm_head"])
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its activation cache (cache.pin_memory), which raises
+        # "Cannot access accelerator device when none is available" on a CPU-only machine. Pinning
+        # only speeds host-to-device copies; without a device it is the identity.
+        torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ids), max_seq_length=ids.shape[1])
     seconds = time.perf_counter() - t0
