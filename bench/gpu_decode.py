@@ -250,7 +250,8 @@ def markdown(res: dict) -> str:
         f"{k['capture_s'] * 1e3:.0f} ms.",
         "- Matmul / rest: median replay of the step's graph vs a graph of its matmuls alone (same weights, same "
         "shapes); rest = the difference (norms, RoPE, attention, activation, embedding, argmax).",
-        f"- Parity on these random weights: CUDA greedy tokens {'equal' if chk['tokens_equal'] else 'differ from'} "
+        f"- Parity on {'these random weights' if res['package'].startswith('random') else 'this package'}: "
+        f"CUDA greedy tokens {'equal' if chk['tokens_equal'] else 'differ from'} "
         f"the numpy runtime's for {chk['n']} tokens (identical prefix {chk['n_equal_prefix']}); teacher-forced "
         f"argmax agreement {chk['teacher_forced_agree']}/{chk['n']}, max relative logit error "
         f"{chk['max_rel_logit_err']:.1e}, smallest numpy top-2 margin {chk['min_top2_margin']:.3g}.",
