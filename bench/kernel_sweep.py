@@ -39,15 +39,13 @@ def configs(m: int):
         for bn, split, stages in itertools.product([32, 64], [2, 4, 8], [2, 3, 4]):
             yield dict(kernel="gemm", block_m=16, block_n=bn, split=split, num_warps=4, num_stages=stages)
         for bn, split, stages in itertools.product([64, 128], [2, 4], [3, 4]):
-            yield dict(kernel="gemm_swap", block_m=16, block_n=bn, split=split, num_warps=4, num_stages=stages,
-                       nested=True)
+            yield dict(kernel="gemm_swap", block_m=16, block_n=bn, split=split, num_warps=4, num_stages=stages)
         return
     bms = [32, 64] if m <= 64 else [64, 128]
     splits = [2, 4] if m <= 64 else [1, 2]
     for bm, bn, split, warps, stages in itertools.product(bms, [64, 128, 256], splits, [4, 8], [3, 4]):
         if bm * bn <= 64 * 128 or warps == 8:
-            yield dict(kernel="gemm_swap", block_m=bm, block_n=bn, split=split, num_warps=warps, num_stages=stages,
-                       nested=True)
+            yield dict(kernel="gemm_swap", block_m=bm, block_n=bn, split=split, num_warps=warps, num_stages=stages)
     yield dict(kernel="dequant")
 
 

@@ -28,7 +28,7 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 * ``gemm`` (M padded to 16): ``BLOCK_M x BLOCK_N`` tiles, one ``[SUB, BLOCK_N]`` weight slice
   dequantized at a time into the activation dtype for ``tl.dot``. M = 2-16.
 * ``gemm_swap``: ``Y^T = W X^T``, the dequantized weight as the left operand (it may stay in
-  registers, only x is staged); ``nested`` loops one slice per pipelined step. M = 17-128.
+  registers, only x is staged). M = 17-128.
 * ``dequant``: the whole weight to the activation dtype in a scratch buffer, then cuBLAS. M > 128.
 
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
@@ -133,6 +133,29 @@ def _nibble_1p(w, i: tl.constexpr):
 
 
 @triton.jit
+def _group_affine(s_ptrs, o_ptrs, mask, HAS_ZERO: tl.constexpr):
+    """``(16 s, 16 s + o)`` of one group for the FMA in :func:`_nibble_1p`'s docstring.
+
+    Symmetric weights store no offsets: ``o = 8 s``, exact in fp16, so ``c = 1.5 * 16 s``.
+    """
+    s16 = 16.0 * _load(s_ptrs, mask).to(tl.float32)
+    if HAS_ZERO:
+        c = s16 + _load(o_ptrs, mask).to(tl.float32)
+    else:
+        c = 1.5 * s16
+    return s16, c
+
+
+@triton.jit
+def _load(ptrs, mask):
+    if mask is None:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
@@ -186,11 +209,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
             else:
                 xk = tl.load(x_ptrs + k0, mask=k0 + j3 < K, other=0.0)
             g = k0 // group_size
-            s16 = 16.0 * tl.load(s_ptrs + g * N).to(tl.float32)
-            if HAS_ZERO:
-                c = s16 + tl.load(o_ptrs + g * N).to(tl.float32)
-            else:
-                c = 1.5 * s16  # 16s + 8s
+            s16, c = _group_affine(s_ptrs + g * N, o_ptrs + g * N, None, HAS_ZERO)
             wd = _nibble_1p(w, i) * s16 - c  # q * s - o
             acc += wd * xk.to(tl.float32)
     out = tl.sum(acc, axis=2)
@@ -226,11 +245,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
             else:
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=(kk < K)[None, :], other=0.0)
             g = k0 // group_size
-            s16 = 16.0 * tl.load(s_ptr + g * N + offs_n).to(tl.float32)
-            if HAS_ZERO:
-                c = s16 + tl.load(o_ptr + g * N + offs_n).to(tl.float32)
-            else:
-                c = 1.5 * s16
+            s16, c = _group_affine(s_ptr + g * N + offs_n, o_ptr + g * N + offs_n, None, HAS_ZERO)
             # One rounding, as the contract has it: q * s - o in fp32, then to x's dtype.
             wd = (_nibble_1p(w, i) * s16[None, :] - c[None, :]).to(dtype)
             if DOT_F32:  # same products, exact in fp32: the interpreter's bf16 dot is wrong
@@ -273,11 +288,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
             else:
                 xk = tl.load(x_ptr + kb + jx + zero, mask=live & (kb + j3 < K), other=0.0)
             g = kb // group_size
-            s16 = 16.0 * tl.load(s_ptr + g * N + n3, mask=live, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                c = s16 + tl.load(o_ptr + g * N + n3, mask=live, other=0.0).to(tl.float32)
-            else:
-                c = 1.5 * s16
+            s16, c = _group_affine(s_ptr + g * N + n3, o_ptr + g * N + n3, live, HAS_ZERO)
             acc += (_nibble_1p(w, i) * s16 - c) * xk.to(tl.float32)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     m2 = tl.arange(0, 1)[:, None]
@@ -290,7 +301,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
 def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                      DOT_F32: tl.constexpr = False, NESTED: tl.constexpr = False):
+                      DOT_F32: tl.constexpr = False):
     # Y^T = W X^T: the dequantized weight slice [BLOCK_N, SUB] is the *left* operand. On Hopper the
     # left wgmma operand may come from registers (the right one must sit in shared memory), so the
     # freshly dequantized weight goes straight into the tensor core and only x is staged; weight
@@ -308,52 +319,21 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     t0 = pid_k * tiles_per_split
     t_end = tl.minimum(t0 + tiles_per_split, n_tiles)
-    if NESTED:
-        # One K-slice per step of a *dynamic* inner loop, so the pipeliner stages x one [SUB, BLOCK_M]
-        # slice at a time (a whole BK = 512 tile per stage does not fit shared memory at large M);
-        # the next tile's weight words are fetched into registers while this one is consumed.
-        w = tl.load(w_rows + t0 * SUB, eviction_policy="evict_first")
-        for t in range(t0, t_end):
-            w_next = tl.load(w_rows + tl.minimum(t + 1, t_end - 1) * SUB, eviction_policy="evict_first")
-            for i in range(8):
-                k0 = t * 8 * SUB + i * SUB
-                if EVEN_K:
-                    xk = tl.load(x_cols + k0)
-                else:
-                    xk = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
-                g = k0 // group_size
-                s16 = 16.0 * tl.load(s_ptr + g * N + offs_n).to(tl.float32)
-                if HAS_ZERO:
-                    c = s16 + tl.load(o_ptr + g * N + offs_n).to(tl.float32)
-                else:
-                    c = 1.5 * s16
-                q1p = (((w >> (4 * i)) << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True)
-                wd = (q1p * s16[:, None] - c[:, None]).to(dtype)
-                if DOT_F32:
-                    acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
-                else:
-                    acc = tl.dot(wd, xk, acc)
-            w = w_next
-    else:
-        for t in range(t0, t_end):
-            w = tl.load(w_rows + t * SUB, eviction_policy="evict_first")
-            for i in tl.static_range(8):
-                k0 = t * 8 * SUB + i * SUB
-                if EVEN_K:
-                    xk = tl.load(x_cols + k0)
-                else:
-                    xk = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
-                g = k0 // group_size
-                s16 = 16.0 * tl.load(s_ptr + g * N + offs_n).to(tl.float32)
-                if HAS_ZERO:
-                    c = s16 + tl.load(o_ptr + g * N + offs_n).to(tl.float32)
-                else:
-                    c = 1.5 * s16
-                wd = (_nibble_1p(w, i) * s16[:, None] - c[:, None]).to(dtype)
-                if DOT_F32:
-                    acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
-                else:
-                    acc = tl.dot(wd, xk, acc)
+    for t in range(t0, t_end):
+        w = tl.load(w_rows + t * SUB, eviction_policy="evict_first")
+        for i in tl.static_range(8):
+            k0 = t * 8 * SUB + i * SUB
+            if EVEN_K:
+                xk = tl.load(x_cols + k0)
+            else:
+                xk = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
+            g = k0 // group_size
+            s16, c = _group_affine(s_ptr + g * N + offs_n, o_ptr + g * N + offs_n, None, HAS_ZERO)
+            wd = (_nibble_1p(w, i) * s16[:, None] - c[:, None]).to(dtype)
+            if DOT_F32:
+                acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
+            else:
+                acc = tl.dot(wd, xk, acc)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -376,11 +356,7 @@ def _dequant_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, Kw, group_size, HAS_ZERO
     for i in tl.static_range(8):
         k0 = t * 8 * SUB + i * SUB
         g = k0 // group_size
-        s16 = 16.0 * tl.load(s_ptr + g * N + n).to(tl.float32)
-        if HAS_ZERO:
-            c = s16 + tl.load(o_ptr + g * N + n).to(tl.float32)
-        else:
-            c = 1.5 * s16
+        s16, c = _group_affine(s_ptr + g * N + n, o_ptr + g * N + n, None, HAS_ZERO)
         wd = _nibble_1p(w, i) * s16 - c
         mask = (offs_n < N)[:, None] & (k0 + j < K)
         tl.store(out_ptr + n * K + k0 + j, wd.to(out_ptr.dtype.element_ty), mask=mask)
@@ -408,7 +384,8 @@ def default_config(m: int, n: int, k: int) -> dict:
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side): 0.7-1.04x at M = 64,
       where ``gemm`` reached 0.5-0.65x.
     * M > 128: ``dequant`` + cuBLAS, 0.5-0.6x at M = 256; every fused variant swept (``gemm``,
-      ``gemm_swap`` plain and nested) stayed at or below 0.47x there.
+      ``gemm_swap``, and a ``gemm_swap`` staging x one K-slice per pipelined step, since removed)
+      stayed at or below 0.47x there.
     """
     if m == 1:
         if n * k < 1 << 22:
@@ -428,7 +405,7 @@ KERNELS = ("gemv", "gemv_wide", "gemm", "gemm_swap", "dequant")
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, tiles: int | None = None, nested: bool | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, tiles: int | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per
@@ -446,7 +423,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if cfg["kernel"] == "gemv" and block_m is None:
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
-                         num_stages=num_stages, tiles=tiles, nested=nested).items():
+                         num_stages=num_stages, tiles=tiles).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -481,8 +458,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         if kind == "gemm":
             _gemm_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **meta)
         else:
-            _gemm_swap_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, NESTED=cfg.get("nested", False),
-                                    **meta)
+            _gemm_swap_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **meta)
     return y.reshape(*lead, n)
 
 

@@ -57,8 +57,7 @@ def test_both_kernels_split_k_and_dtypes(dtype, kernel, m, split):
 
 NEW_PATHS = [("gemv_wide", 1, dict(block_n=8, tiles=2)), ("gemv_wide", 1, dict(block_n=4, tiles=4, split=2)),
              ("gemm_swap", 3, dict(block_m=16, block_n=16)), ("gemm_swap", 17, dict(block_m=16, block_n=32, split=2)),
-             ("gemm_swap", 17, dict(block_m=16, block_n=32, nested=True)),
-             ("gemm_swap", 5, dict(block_m=16, block_n=16, split=3, nested=True)), ("dequant", 5, {})]
+             ("gemm_swap", 5, dict(block_m=16, block_n=16, split=3)), ("dequant", 5, {})]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -107,17 +106,13 @@ def test_gpu_shapes(n, k, group_size, asym, m, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["gemv", "gemv_wide", "gemm", "gemm_swap", "gemm_swap_nested"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_wide", "gemm", "gemm_swap"])
 @pytest.mark.parametrize("split", [1, 2, 4, 8])
 @pytest.mark.parametrize("block_n", [8, 16, 32, 64, 128])
 def test_gpu_configs(kernel, split, block_n):
     m = {"gemv": 4, "gemv_wide": 1}.get(kernel, 24)
-    extra = dict(nested=True) if kernel.endswith("_nested") else {}
-    if kernel == "gemv_wide":
-        extra = dict(tiles=max(1, 64 // block_n))
-    else:
-        extra["block_m"] = 4 if kernel == "gemv" else 32
-    check(1000, 4096 + 64, 128, True, m, kernel=kernel.removesuffix("_nested"), split=split, block_n=block_n, **extra)
+    extra = dict(tiles=max(1, 64 // block_n)) if kernel == "gemv_wide" else dict(block_m=4 if kernel == "gemv" else 32)
+    check(1000, 4096 + 64, 128, True, m, kernel=kernel, split=split, block_n=block_n, **extra)
 
 
 def test_split_k_leaves_workspace_clean():
