@@ -92,19 +92,26 @@ def logprobs(model, windows: np.ndarray, batch: int = 4):
     return torch.cat(out)
 
 
-def scores(ref_lp, lp, windows: np.ndarray) -> dict:
+def _sums(ref_lp, lp, windows: np.ndarray) -> np.ndarray:
+    """Per-window sums (nll, nll_ref, kl, agreeing tokens, tokens); fp32 temporaries stay one window."""
     import torch
 
-    tgt = torch.from_numpy(windows[:, 1:])
-    nll = -lp.float().gather(-1, tgt[..., None]).mean()
-    nll_ref = -ref_lp.float().gather(-1, tgt[..., None]).mean()
-    kl = 0.0
-    for r, q in zip(ref_lp, lp, strict=True):  # per window: keeps fp32 temporaries small
-        r, q = r.float(), q.float()
-        kl += float((r.exp() * (r - q)).sum())
-    n = tgt.numel()
-    agree = float((ref_lp.argmax(-1) == lp.argmax(-1)).float().mean())
-    return {"ppl": float(torch.exp(nll)), "ppl_ref": float(torch.exp(nll_ref)), "kl": kl / n, "top1": agree}
+    out = np.zeros(5)
+    for r, q, w in zip(ref_lp, lp, windows, strict=True):
+        r, q, tgt = r.float(), q.float(), torch.from_numpy(w[1:])[:, None]
+        out += (-float(q.gather(-1, tgt).sum()), -float(r.gather(-1, tgt).sum()),
+                float((r.exp() * (r - q)).sum()), int((r.argmax(-1) == q.argmax(-1)).sum()), len(tgt))
+    return out
+
+
+def _finish(sums: np.ndarray) -> dict:
+    nll, nll_ref, kl, agree, n = sums
+    return {"ppl": float(np.exp(nll / n)), "ppl_ref": float(np.exp(nll_ref / n)), "kl": float(kl / n),
+            "top1": float(agree / n)}
+
+
+def scores(ref_lp, lp, windows: np.ndarray) -> dict:
+    return _finish(_sums(ref_lp, lp, windows))
 
 
 def scores_live(ref_model, model, windows: np.ndarray, batch: int = 2) -> dict:
@@ -113,21 +120,11 @@ def scores_live(ref_model, model, windows: np.ndarray, batch: int = 2) -> dict:
     For large vocabularies (Gemma-3's 262k), where the FP16 log-probs of every evaluation token
     would need tens of GB; the sums are the same as :func:`scores`' (fp16-rounded log-probs).
     """
-    import torch
-
-    nll = nll_ref = kl = 0.0
-    agree = n = 0
+    sums = np.zeros(5)
     for lo in range(0, len(windows), batch):
         w = windows[lo : lo + batch]
-        r, q = logprobs(ref_model, w, batch).float(), logprobs(model, w, batch).float()
-        tgt = torch.from_numpy(w[:, 1:])[..., None]
-        nll -= float(q.gather(-1, tgt).sum())
-        nll_ref -= float(r.gather(-1, tgt).sum())
-        for rr, qq in zip(r, q, strict=True):
-            kl += float((rr.exp() * (rr - qq)).sum())
-        agree += int((r.argmax(-1) == q.argmax(-1)).sum())
-        n += tgt.numel()
-    return {"ppl": float(np.exp(nll / n)), "ppl_ref": float(np.exp(nll_ref / n)), "kl": kl / n, "top1": agree / n}
+        sums += _sums(logprobs(ref_model, w, batch), logprobs(model, w, batch), w)
+    return _finish(sums)
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
