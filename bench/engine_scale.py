@@ -5,7 +5,9 @@
 
 The model (fp16, random weights, ~16 GB for 32 blocks) stays on the CPU; the engine moves one block
 at a time to the device in fp32, so peak GPU memory is one block + its Hessians + one micro-batch,
-far below the model's size. Calibration: random token ids, ``--n-calib`` x ``--seqlen``. The random
+far below the model's size. As klaq-export does, the engine drops each block's linear weights once
+they are quantized (``keep_weights=False``), so the host holds the model once plus the codes and
+the calibration activations; ``peak_rss_mb`` is reported next to the model's own size. Calibration: random token ids, ``--n-calib`` x ``--seqlen``. The random
 weights are drawn on the GPU when there is one (drawing 8B normals on the host takes minutes) and
 the model is rebuilt for each method; ``build_s`` is reported apart from ``quant_s``.
 """
@@ -65,7 +67,8 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         res = quantize_blocks(model, ids, EngineConfig(method=method, spec=QuantSpec(4, 128, True), device=args.device,
-                                                       micro_batch=args.micro_batch, progress=True))
+                                                       micro_batch=args.micro_batch, progress=True,
+                                                       keep_weights=False))
         out = {"method": method, "layers": args.layers, "params": n_params, "model_gb_fp16": n_params * 2 / 1e9,
                "build_s": build, "quant_s": res.seconds, "peak_gpu_mb": res.peak_gpu_mb,
                "peak_rss_mb": res.peak_rss_mb,

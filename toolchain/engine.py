@@ -24,6 +24,10 @@ the model stays where it is (CPU). Flow:
    change (``propagate=False``, AutoAWQ's choice).
 
 Peak memory is one block in fp32 + its Hessians on the device, plus the activations on the CPU.
+On the host, a processed block goes back in the model's own dtype (its quantized linear weights;
+norms and biases, which AWQ may have rescaled, stay fp32 and are small), or without its quantized
+weights at all (``keep_weights=False``): the host holds the input model once, not an fp32 copy
+next to it (38 GB for an 8B fp16 model before; bench/engine_scale.py).
 Deterministic under ``cfg.seed`` (CPU; on CUDA up to the usual atomics in some kernels).
 
 AWQ hook contract (``toolchain/algorithms/awq.py``)::
@@ -91,6 +95,10 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads on CPU
     progress: bool = True
+    # Processed blocks keep their fake-quantized linear weights (in the model's own dtype). False
+    # drops them once quantized (the returned QuantizedWeights hold them): the host then never
+    # holds more than the input model, which is what an export needs.
+    keep_weights: bool = True
 
 
 @dataclass
@@ -384,12 +392,22 @@ def _quantize_linear(w: torch.Tensor, st: InputStats | None, a: torch.Tensor | N
     return qw, deq, info
 
 
+def _offload(block, dtypes: dict, quantized: set, keep: bool) -> None:
+    """A processed block back to the CPU: quantized linear weights in their original dtype, or
+    dropped (``keep=False``); everything else (norms, biases: small) stays fp32 for AWQ's folds."""
+    for name, p in block.named_parameters():
+        if name in quantized:
+            p.data = p.data.to("cpu", dtypes[name]) if keep else torch.empty(0, dtype=dtypes[name])
+    block.to("cpu")
+
+
 def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> EngineResult:
     """Quantize every decoder linear of ``model`` with ``cfg.method`` on ``calib_ids`` [n, T].
 
     Returns ``{state-dict weight name: QuantizedWeight}`` plus time and peak memory. The model is
-    changed in place: processed blocks end up on the CPU in fp32 with fake-quantized linear
-    weights (and AWQ's folded scales), i.e. the quantized model.
+    changed in place: processed blocks end up on the CPU with fake-quantized linear weights in the
+    model's dtype (exact when that is fp32; dropped with ``keep_weights=False``) and fp32 norms and
+    biases (with AWQ's folded scales): with the QuantizedWeights, the quantized model.
     """
     if cfg.method not in ENGINE_METHODS:
         raise KlaqError(f"unknown method {cfg.method!r}; available: {', '.join(ENGINE_METHODS)}")
@@ -425,6 +443,7 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     bar = tqdm(range(len(layers)), desc=f"{cfg.method} W{cfg.spec.bits}", unit="block", disable=not cfg.progress)
     for bi in bar:
         block = layers[bi]
+        dtypes = {n: p.dtype for n, p in block.named_parameters()}
         block.to(device=dev, dtype=torch.float32)
         kws = [_to(kw, dev) for kw in kwargs[bi]]
         fp_out = None if cfg.propagate else run_block(block, inputs, kws, dev)
@@ -463,7 +482,7 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
             stats = kl = None
         bar.set_postfix_str("outputs")
         inputs = fp_out if fp_out is not None else run_block(block, inputs, kws, dev, replay, list(final_after))
-        block.to("cpu")
+        _offload(block, dtypes, {f"{n}.weight" for n in all_names}, cfg.keep_weights)
         del kws, replay
         if dev.type == "cuda":
             torch.cuda.empty_cache()

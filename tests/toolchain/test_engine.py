@@ -71,6 +71,29 @@ def test_deterministic_and_switches():
         assert any(not np.array_equal(qw.codes, runs[0].quantized[k].codes) for k, qw in res.quantized.items())
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_processed_blocks_return_in_the_model_dtype(method):
+    """An fp16 model stays an fp16 model (no fp32 copy of every processed block on the host): the
+    quantized linears hold fp16(dequantized), the norms (with AWQ's folded scales) stay fp32;
+    keep_weights=False drops the quantized weights and changes nothing else."""
+    spec = QuantSpec(4, 32, False)
+    kept, dropped = _model("llama").half(), _model("llama").half()
+    res = quantize_blocks(kept, _ids(), EngineConfig(method=method, spec=spec, progress=False))
+    res2 = quantize_blocks(dropped, _ids(), EngineConfig(method=method, spec=spec, progress=False, keep_weights=False))
+    params, params2 = dict(kept.named_parameters()), dict(dropped.named_parameters())
+    for name, qw in res.quantized.items():
+        np.testing.assert_array_equal(qw.codes, res2.quantized[name].codes)
+        assert params[name].dtype == torch.float16 and params2[name].numel() == 0
+        torch.testing.assert_close(params[name], torch.from_numpy(qw.dequantize()).half(), rtol=0, atol=0)
+    rest = [n for n in params if n not in res.quantized and ".layers." in n]
+    assert rest and all(params[n].dtype == torch.float32 for n in rest)
+    for n in rest:
+        torch.testing.assert_close(params[n], params2[n], rtol=0, atol=0)
+    if method == "awq":  # the folded norm scales are not fp16-rounded
+        norm = params["model.layers.0.input_layernorm.weight"]
+        assert not torch.equal(norm, norm.half().float())
+
+
 def test_micro_batch_size_does_not_change_the_result():
     ids = _ids(8, 16)
     a = quantize_blocks(_model("qwen2"), ids, EngineConfig(method="gptq", micro_batch=8, progress=False))
