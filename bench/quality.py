@@ -14,9 +14,11 @@ For speed the quantized model is evaluated in transformers with its weights repl
 package's dequantized weights (``QuantizedWeight.dequantize()``: the numbers the numpy runtime uses,
 which tests pin bit for bit), computed in fp32, like the FP16 reference (fp16 weights in fp32).
 Each method runs in its own subprocess so that its peak RSS is its own; time = quantization only.
-The FP16 log-probs are computed once and cached (``$KLAQ_CACHE/bench``); for vocabularies above
-100k entries (Gemma-3: 262k, where they would need tens of GB) or with ``--live-ref`` each method's
-subprocess keeps an FP16 copy and scores both models batch by batch instead.
+The FP16 log-probs are computed once and cached (``$KLAQ_CACHE/bench``): one file for small
+vocabularies, one file per window above 100k entries (Gemma-3's 262k: 268 MB per window, 17 GB for
+the default 64 windows, read back one batch at a time). With ``--live-ref`` each method's
+subprocess keeps an FP16 copy and scores both models batch by batch instead (no disk, twice the
+evaluation time; the same fp16-rounded log-probs, so the same figures).
 Method specs: ``name`` or ``klawq:BETA:TAU[:SOURCE]`` / ``awq+klawq:BETA:TAU``; ``+greedy`` suffix adds
 ``--rounding greedy``.
 
@@ -48,7 +50,7 @@ CONFIGS = {  # name -> (bits, group, sym)
 DEFAULT_METHODS = "rtn,awq,gptq,klawq:0:1,klawq:0.1:1,klawq:0.5:1,klawq:0.5:0.5,awq+gptq,awq+klawq:0.1:1"
 FORTUNES = Path("/usr/share/games/fortunes")
 LIVE = "live"  # --ref-cache value: score against a live FP16 copy instead of stored log-probs
-LIVE_VOCAB = 100_000  # vocabularies above this are scored live (stored log-probs would not fit RAM)
+LIVE_VOCAB = 100_000  # vocabularies above this store one log-prob file per window (one would not fit RAM)
 SKIP_FORTUNES = {"art", "ascii-art"}  # pictures, not prose
 
 
@@ -127,6 +129,18 @@ def scores_live(ref_model, model, windows: np.ndarray, batch: int = 2) -> dict:
     return _finish(sums)
 
 
+def scores_stored(ref_dir: Path, set_name: str, model, windows: np.ndarray, batch: int = 2) -> dict:
+    """:func:`scores` against per-window log-prob files written by :func:`reference` (large vocabularies)."""
+    import torch
+
+    sums = np.zeros(5)
+    for lo in range(0, len(windows), batch):
+        w = windows[lo : lo + batch]
+        ref = torch.stack([torch.load(ref_dir / f"{set_name}-{lo + i:03d}.pt") for i in range(len(w))])
+        sums += _sums(ref, logprobs(model, w, batch), w)
+    return _finish(sums)
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     """``klawq:0.1:1[:model]``, ``gptq:damp=0.05``, ``rtn+greedy`` -> (method, EngineConfig overrides)."""
     from klaq.toolchain.engine import EngineConfig
@@ -198,6 +212,11 @@ def run_one(args) -> dict:
         for set_name, windows in eval_sets(lm.tokenizer, args.windows, args.ood_windows, args.ctx).items():
             row[set_name] = scores_live(ref_model, model, windows)
         return row
+    if args.ref_cache.endswith(".d"):
+        ref_dir = Path(args.ref_cache)
+        for set_name, windows in torch.load(ref_dir / "windows.pt").items():
+            row[set_name] = scores_stored(ref_dir, set_name, model, windows.numpy())
+        return row
     ref = torch.load(args.ref_cache)
     for set_name, windows in ref["windows"].items():
         windows = windows.numpy()
@@ -242,7 +261,20 @@ def reference(args):
     lm = load_model(args.model)
     model = lm.model.float()
     sets = eval_sets(lm.tokenizer, args.windows, args.ood_windows, args.ctx)
-    torch.save({"windows": {k: torch.from_numpy(w) for k, w in sets.items()}, "lp": {k: logprobs(model, w) for k, w in sets.items()}}, args.ref_cache)
+    windows = {k: torch.from_numpy(w) for k, w in sets.items()}
+    if not args.ref_cache.endswith(".d"):
+        torch.save({"windows": windows, "lp": {k: logprobs(model, w) for k, w in sets.items()}}, args.ref_cache)
+        return
+    # large vocabulary: one file per window (Gemma-3: 268 MB each), written to a temporary
+    # directory that is renamed only when complete
+    out = Path(args.ref_cache)
+    tmp = out.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for k, w in sets.items():
+        for i in range(len(w)):
+            torch.save(logprobs(model, w[i : i + 1])[0].clone(), tmp / f"{k}-{i:03d}.pt")
+    torch.save(windows, tmp / "windows.pt")
+    tmp.rename(out)
 
 
 def vocab_size(model: str) -> int:
@@ -306,7 +338,7 @@ def main():
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--peer-python", default=None, help="python of llm-compressor's environment (llmc-* rows)")
     ap.add_argument("--live-ref", action="store_true",
-                    help=f"score against a live FP16 copy (automatic above {LIVE_VOCAB} vocabulary entries)")
+                    help="score against a live FP16 copy instead of cached log-probs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--ref-cache", help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -326,7 +358,9 @@ def main():
     ref_dir = cache_dir() / "bench"  # FP16 log-probs: GBs, kept out of the repository
     ref_dir.mkdir(parents=True, exist_ok=True)
     ref_cache = ref_dir / f"ref-{tag}-{args.windows}-{args.ood_windows}-{args.ctx}.pt"
-    if args.live_ref or vocab_size(args.model) > LIVE_VOCAB:
+    if vocab_size(args.model) > LIVE_VOCAB:  # too big for one file in RAM: a file per window
+        ref_cache = ref_cache.with_suffix(".d")
+    if args.live_ref:
         ref_cache = LIVE
     base = [sys.executable, __file__, "--model", args.model, "--n-calib", str(args.n_calib), "--seqlen",
             str(args.seqlen), "--seed", str(args.seed), "--ctx", str(args.ctx), "--windows", str(args.windows),

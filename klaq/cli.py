@@ -73,6 +73,9 @@ def _target_names():
 @click.option("--no-propagate", "propagate", flag_value=False, default=True,
               help="Feed the next block FP outputs instead of quantized ones.")
 @click.option("--micro-batch", type=click.IntRange(1), default=8, show_default=True, help="Calibration windows per forward.")
+@click.option("--activations", type=click.Choice(["auto", "cpu", "disk"]), default="auto", show_default=True,
+              help="Where calibration activations wait between blocks: RAM, files in the temp dir "
+                   "(one micro-batch in RAM), or disk only when RAM would not hold them.")
 @click.option("--bits", type=int, default=None, help="2, 3, 4 or 8 [default: the target's].")
 @click.option("--group-size", type=int, default=None, help="32, 64, 128, 256 or -1 per-channel [default: the target's].")
 @click.option("--sym/--asym", default=None, help="Symmetric (Q4_0) or asymmetric (Q4_1) grid [default: the target's].")
@@ -93,7 +96,7 @@ def _target_names():
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
 def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, shrink, act_order,
-               propagate, micro_batch, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
+               propagate, micro_batch, activations, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
                device, context, reference_windows, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
     from klaq.toolchain.export import ExportConfig, export_model
@@ -103,7 +106,7 @@ def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, sa
                        context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level),
                        reference_windows=reference_windows, beta=beta, tau=tau, kl_source=kl_source,
                        rounding=rounding, salience=salience, damp=damp, shrink=shrink, act_order=act_order, propagate=propagate,
-                       micro_batch=micro_batch)
+                       micro_batch=micro_batch, activations=activations)
     res = export_model(cfg, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"path": res.path, "bytes": res.bytes, "quantized_linears": res.n_quantized,

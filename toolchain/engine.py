@@ -9,8 +9,10 @@ the model stays where it is (CPU). Flow:
    also keeps its input hidden states, and the last block raises a sentinel so nothing after the
    decoder (final norm, LM head) ever runs. Arguments are recorded per block because some
    architectures give blocks different ones (Gemma 3: sliding-window vs. global masks and RoPE).
-2. **Micro-batches.** Calibration activations live on the CPU as a list of fp32 micro-batches
-   ``[b, T, hidden]``; each pass moves one micro-batch at a time to the device.
+2. **Micro-batches.** Calibration activations are fp32 micro-batches ``[b, T, hidden]`` in RAM,
+   or in files when a block's inputs and outputs would not fit (``activations``: auto / cpu /
+   disk, :mod:`klaq.toolchain.activations`); each pass moves one micro-batch at a time to the
+   device.
 3. **Per block.** Optional AWQ (:func:`awq_block`), then the true-sequential stages of the
    architecture table (``toolchain/archs.py``): for each stage the block runs on every micro-batch
    with forward pre-hooks on the stage's linears that accumulate, in fp32 chunks, the input
@@ -56,6 +58,7 @@ from tqdm import tqdm
 
 from klaq.errors import KlaqError
 from klaq.formats.qweight import QuantizedWeight
+from klaq.toolchain.activations import Activations, choose_where
 from klaq.toolchain.algorithms.gptq import gptq_quantize
 from klaq.toolchain.algorithms.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes, to_qweight
 from klaq.toolchain.algorithms.klawq import (
@@ -93,6 +96,10 @@ class EngineConfig:
     device: str = "cpu"
     micro_batch: int = 8
     seed: int = 0
+    # Calibration activations between blocks: cpu (RAM), disk (files, one micro-batch in RAM at a
+    # time) or auto (disk when a block's inputs + outputs exceed half the available RAM).
+    activations: str = "auto"
+    activations_dir: str | None = None  # where disk activations go [default: the system temp dir]
     threads: int | None = None  # torch.set_num_threads on CPU
     progress: bool = True
     # Processed blocks keep their fake-quantized linear weights (in the model's own dtype). False
@@ -205,10 +212,12 @@ def _bind_kwargs(sig: inspect.Signature, args, kwargs) -> tuple[torch.Tensor, di
     return hidden, out
 
 
-def capture_inputs(model, layers, calib_ids: torch.Tensor, micro_batch: int):
-    """(block-0 inputs as fp32 CPU micro-batches, per block: list of per-micro-batch kwargs)."""
+def capture_inputs(model, layers, calib_ids: torch.Tensor, micro_batch: int, store=list):
+    """(block-0 inputs as fp32 CPU micro-batches, per block: list of per-micro-batch kwargs).
+
+    ``store``: makes the container of the micro-batches (a list, or an :class:`Activations`)."""
     n_layers = len(layers)
-    first_inputs: list[torch.Tensor] = []
+    first_inputs = store()
     kwargs: list[list[dict]] = [[] for _ in range(n_layers)]
 
     def make(i, layer):
@@ -276,9 +285,8 @@ class Replay:
             del mod.forward
 
 
-def run_block(block, inputs: list[torch.Tensor], kws: list[dict], device, replay: Replay | None = None,
-              prefixes=()) -> list[torch.Tensor]:
-    outs = []
+def run_block(block, inputs, kws: list[dict], device, replay: Replay | None = None, prefixes=(), store=list):
+    outs = store()
     mods = replay.install(prefixes) if replay is not None else []
     try:
         with torch.no_grad():
@@ -435,7 +443,13 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         names = {i: [n for st in arch.stages for n in st] for i in range(len(layers))}
         fisher = model_fisher_weights(model, layers, names, calib_ids, cfg.micro_batch, cfg.seed, arch.conv1d,
                                       progress=cfg.progress)
-    inputs, kwargs = capture_inputs(model, layers, calib_ids, cfg.micro_batch)
+    hidden = model.config.get_text_config().hidden_size
+    where = choose_where(cfg.activations, calib_ids.numel(), hidden)
+
+    def store():
+        return Activations(where, cfg.activations_dir)
+
+    inputs, kwargs = capture_inputs(model, layers, calib_ids, cfg.micro_batch, store)
     need_stats = cfg.method.endswith(("gptq", "klawq")) or cfg.rounding == "greedy"
     need_h = need_stats
     quantized: dict[str, QuantizedWeight] = {}
@@ -446,7 +460,7 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         dtypes = {n: p.dtype for n, p in block.named_parameters()}
         block.to(device=dev, dtype=torch.float32)
         kws = [_to(kw, dev) for kw in kwargs[bi]]
-        fp_out = None if cfg.propagate else run_block(block, inputs, kws, dev)
+        fp_out = None if cfg.propagate else run_block(block, inputs, kws, dev, store=store)
         if awq_block is not None:
             bar.set_postfix_str("awq")
             awq_block(block, inputs, kws, arch, cfg.spec, cfg)
@@ -481,11 +495,15 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
                 per_linear[key] = info
             stats = kl = None
         bar.set_postfix_str("outputs")
-        inputs = fp_out if fp_out is not None else run_block(block, inputs, kws, dev, replay, list(final_after))
+        outputs = fp_out if fp_out is not None else run_block(block, inputs, kws, dev, replay, list(final_after),
+                                                              store=store)
+        inputs.close()
+        inputs = outputs
         _offload(block, dtypes, {f"{n}.weight" for n in all_names}, cfg.keep_weights)
         del kws, replay
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    inputs.close()
     peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     return EngineResult(quantized, time.perf_counter() - t0, peak_rss_mb(), peak_gpu, per_linear)

@@ -56,6 +56,7 @@ class ExportConfig:
     propagate: bool = True
     true_sequential: bool = True
     micro_batch: int = 8
+    activations: str = "auto"  # calibration activations: auto | cpu | disk
     threads: int | None = None
 
 
@@ -149,7 +150,8 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     engine = EngineConfig(damp=cfg.damp, shrink=cfg.shrink, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
                           rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
                           true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
-                          seed=cfg.seed, threads=cfg.threads, keep_weights=False)
+                          seed=cfg.seed, threads=cfg.threads, keep_weights=False,
+                          activations=cfg.activations)
     tq = time.perf_counter()
     quantized, eres = quantize_model_ex(lm.model, cfg.method, spec, progress=progress, calib_ids=calib_ids,
                                         engine=engine)
