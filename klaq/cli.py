@@ -69,7 +69,9 @@ def _target_names():
 @click.option("--hessian-shrink", "shrink", type=click.FloatRange(0), default=0.5, show_default=True,
               help="GPTQ/KLAWQ: add this times diag(H) to H, for robustness to a narrow calibration set "
                    "(0 = plain GPTQ).")
-@click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ/KLAWQ: columns by descending Hessian diagonal, grids fitted on the original weights "
+                   "(static groups, so the package keeps plain contiguous groups).")
 @click.option("--no-propagate", "propagate", flag_value=False, default=True,
               help="Feed the next block FP outputs instead of quantized ones.")
 @click.option("--micro-batch", type=click.IntRange(1), default=8, show_default=True, help="Calibration windows per forward.")

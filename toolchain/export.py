@@ -47,7 +47,7 @@ class ExportConfig:
     # calibrated methods (see toolchain/engine.py)
     damp: float = 0.01
     shrink: float = 0.5
-    act_order: bool = False
+    act_order: bool = True
     beta: float = 0.0
     tau: float = 1.0
     kl_source: str = "layer"
