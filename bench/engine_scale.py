@@ -7,7 +7,8 @@ The model (fp16, random weights, ~16 GB for 32 blocks) stays on the CPU; the eng
 at a time to the device in fp32, so peak GPU memory is one block + its Hessians + one micro-batch,
 far below the model's size. As klaq-export does, the engine drops each block's linear weights once
 they are quantized (``keep_weights=False``), so the host holds the model once plus the codes and
-the calibration activations; ``peak_rss_mb`` is reported next to the model's own size. Calibration: random token ids, ``--n-calib`` x ``--seqlen``. The random
+the calibration activations; ``peak_rss_mb`` is reported next to the model's own size.
+Calibration: random token ids, ``--n-calib`` x ``--seqlen``. The random
 weights are drawn on the GPU when there is one (drawing 8B normals on the host takes minutes) and
 the model is rebuilt for each method; ``build_s`` is reported apart from ``quant_s``.
 """

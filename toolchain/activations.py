@@ -29,7 +29,6 @@ class Activations(Sequence):
     def __init__(self, where: str = "cpu", directory: str | None = None):
         if where not in ("cpu", "disk"):
             raise KlaqError(f"activations must be stored on cpu or disk, got {where!r}")
-        self.where = where
         self._items: list = []
         self._tmp = None
         if where == "disk":

@@ -429,6 +429,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0:
         raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0 and --hessian-shrink >= 0")
     arch = get_quant_arch(model.config.model_type)
+    calib_ids = torch.as_tensor(calib_ids, dtype=torch.long)
+    where = choose_where(cfg.activations, calib_ids.numel(), model.config.get_text_config().hidden_size)
     awq_block = _awq_fn() if cfg.method.startswith("awq") else None
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise KlaqError(f"--device {cfg.device} requested but no CUDA device is available")
@@ -440,14 +442,11 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     layers = model.get_submodule(arch.layers)
-    calib_ids = torch.as_tensor(calib_ids, dtype=torch.long)
     fisher = None
     if cfg.method.endswith("klawq") and cfg.beta != 0 and cfg.kl_source == "model":
         names = {i: [n for st in arch.stages for n in st] for i in range(len(layers))}
         fisher = model_fisher_weights(model, layers, names, calib_ids, cfg.micro_batch, cfg.seed, arch.conv1d,
                                       progress=cfg.progress)
-    hidden = model.config.get_text_config().hidden_size
-    where = choose_where(cfg.activations, calib_ids.numel(), hidden)
 
     def store():
         return Activations(where, cfg.activations_dir)

@@ -43,6 +43,9 @@ def test_auto_picks_disk_only_when_ram_is_short(monkeypatch):
         choose_where("gpu", 1, 1)
     with pytest.raises(KlaqError, match="cpu or disk"):
         Activations("auto")
+    with pytest.raises(KlaqError, match="--activations must be one of"):  # before any calibration work
+        quantize_blocks(_model("llama"), _ids(), EngineConfig(method="klawq", beta=1.0, kl_source="model",
+                                                              activations="gpu", progress=False))
 
 
 def test_bad_directory_is_a_clear_error(tmp_path):
