@@ -34,6 +34,8 @@ def configs(m: int):
                 yield dict(kernel="gemv_wide", block_n=bn, tiles=tiles, split=split, num_warps=warps, num_stages=1)
         for bn, split in itertools.product([16, 32, 64], [1, 2, 4]):
             yield dict(kernel="gemv", block_m=1, block_n=bn, split=split, num_warps=4, num_stages=1)
+        for bn, split, warps, stages in itertools.product([16, 32, 64, 128], [1, 2, 4, 8], [4, 8], [1, 2]):
+            yield dict(kernel="gemv_h2", block_n=bn, split=split, num_warps=warps, num_stages=stages)
         return
     if m <= 16:
         for bn, split, stages in itertools.product([32, 64], [2, 4, 8], [2, 3, 4]):
@@ -55,7 +57,9 @@ def main():
     ap.add_argument("--batches", default="1,16,64,256")
     ap.add_argument("--shapes", default="all", choices=["all", "llama", "smollm"])
     ap.add_argument("--block-k", default="128,512", help="repack tiles to try")
+    ap.add_argument("--kernels", help="only these kernels, comma-separated (default: all)")
     args = ap.parse_args()
+    only = set(args.kernels.split(",")) if args.kernels else None
     shapes = {"all": LLAMA3_8B + SMOLLM2, "llama": LLAMA3_8B, "smollm": SMOLLM2}[args.shapes]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     t_start = time.time()
@@ -78,7 +82,7 @@ def main():
                 ref = F.linear(x, w16).float()
                 t16 = graph_time_us([partial(F.linear, x, w) for w in dense])
                 best = None
-                for cfg in [{}] + list(configs(m)):
+                for cfg in [{}] + [c for c in configs(m) if only is None or c["kernel"] in only]:
                     try:
                         err = ((w4a16_matmul(x, base, **cfg).float() - ref).norm() / ref.norm()).item()
                         t = graph_time_us([partial(w4a16_matmul, x, w, **cfg) for w in ours], reps=3)

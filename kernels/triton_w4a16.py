@@ -4,9 +4,10 @@ Both kernels read one layout, made once at load by :func:`repack` from the canon
 :class:`QuantizedWeight` (kernels-and-style.md §4.1):
 
 * ``qweight`` int32 ``[N, Kp / 8]``. K is cut into tiles of ``BK = 8 * SUB`` codes; word ``j`` of a
-  tile holds the codes ``tile * BK + i * SUB + j`` in nibble ``i`` (bits ``4i .. 4i+3``). So one
+  tile holds the code ``tile * BK + i * SUB + j`` of slice ``i`` in nibble ``NIBBLE[i]``. So one
   shift-and-mask of a ``[*, SUB]`` block of words yields ``SUB`` *consecutive* codes: no gather,
-  no reshape, and the x slice they meet is contiguous. ``Kp`` is K rounded up to BK; the padding
+  no reshape, and the x slice they meet is contiguous. Slices 2p and 2p + 1 sit 16 bits apart
+  (nibbles p and p + 4), one half2 after a shift and a mask (``gemv_h2``). ``Kp`` is K rounded up to BK; the padding
   codes are 0 and meet x = 0 (masked loads), so they add nothing.
 * ``scales`` fp16 ``[Gp, N]`` (transposed so one group's scales are one contiguous row), and for
   asymmetric weights ``offsets`` fp16 ``[Gp, N]`` = ``fp16(z * s)``, the contract's rounding point.
@@ -21,7 +22,9 @@ of the FMA rate), and one FMA turns that into ``q * s - o`` exactly (see :func:`
 Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 
 * ``gemv`` (M <= 8): each program takes ``BLOCK_N`` rows and a contiguous share of the K tiles;
-  products accumulate elementwise and reduce once at the end. Large layers at M = 1.
+  products accumulate elementwise and reduce once at the end. Large layers at M = 1, bf16.
+* ``gemv_h2`` (M = 1, fp16): the same walk, with each word dequantized and multiplied in half2 by
+  inline PTX (``_H2_SYM`` / ``_H2_ASYM``). Large layers at M = 1, fp16.
 * ``gemv_wide`` (M = 1): the same, loading ``TILES`` K-tiles per step and no split-K: few
   programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's atomics
   are pure latency.
@@ -34,8 +37,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
 
-Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 1.6-1.8x cuBLAS fp16 on
-Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.35-1.5x on SmolLM2's; M = 16 about 1.45-1.58x; M = 64
+Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.1-2.5x cuBLAS fp16 on
+Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.45-1.55x; M = 64
 0.7-1.04x; M = 256 0.5-0.6x.
 """
 
@@ -53,6 +56,9 @@ from klaq.formats.qweight import QuantizedWeight
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
+# Slice i of a tile sits in nibble NIBBLE[i]: slices 2p and 2p + 1 in nibbles p and p + 4, so one
+# shift by 4p and one LOP3 with 0x000F000F put both codes into one half2 (the gemv_h2 kernel).
+NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
 def choose_block_k(in_features: int, group_size: int) -> int:
@@ -105,7 +111,7 @@ def repack(qweight: QuantizedWeight, device="cuda", block_k: int | None = None) 
     kp = -(-k // bk) * bk
     codes = np.zeros((n, kp), dtype=np.uint32)
     codes[:, :k] = qweight.codes
-    nib = codes.reshape(n, kp // bk, 8, sub) << (4 * np.arange(8, dtype=np.uint32))[:, None]
+    nib = codes.reshape(n, kp // bk, 8, sub) << (4 * np.array(NIBBLE, dtype=np.uint32))[:, None]
     words = np.bitwise_or.reduce(nib, axis=2).reshape(n, kp // 8).view(np.int32)
     gp = -(-kp // gs)
 
@@ -120,15 +126,16 @@ def repack(qweight: QuantizedWeight, device="cuda", block_k: int | None = None) 
 
 @triton.jit
 def _nibble_1p(w, i: tl.constexpr):
-    """Nibble ``i`` of int32 words as the float32 ``1 + q / 16``: one shift and one LOP3.
+    """Slice ``i``'s code (nibble ``NIBBLE[i]``) of int32 words as the float32 ``1 + q / 16``.
 
-    The nibble lands in the top mantissa bits of 1.0 (bits 19..22); ``q * s - o`` is then one
+    One shift and one LOP3: the nibble lands in the top mantissa bits of 1.0 (bits 19..22); ``q * s - o`` is then one
     FMA, ``(1 + q/16) * 16s - (16s + o)``, exact in fp32 like the contract's ``q * s - o``.
     """
-    if 4 * i <= 19:
-        v = w << (19 - 4 * i)
+    b: tl.constexpr = 4 * (i // 2 + 4 * (i % 2))  # NIBBLE[i]'s first bit
+    if b <= 19:
+        v = w << (19 - b)
     else:
-        v = w >> (4 * i - 19)
+        v = w >> (b - 19)
     return ((v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
@@ -214,6 +221,137 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
             acc += wd * xk.to(tl.float32)
     out = tl.sum(acc, axis=2)
     m2 = tl.arange(0, BLOCK_M)[:, None]
+    n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (m2 < M) & (n2 < N)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
+
+
+# One half2 pair of codes (``$1``: the word shifted so they sit in bits 0-3 and 16-19) times its
+# two activations (``$2``), added to the half2 sum ``$5``: one LOP3 (0x6400 | q is the fp16
+# 1024 + q), one subtraction and one multiply (or FMA) give the contract's weight q * s - o rounded
+# once to fp16, one FMA adds its product. ``$3`` = the two codes' scales, ``$4`` their -o.
+_H2_SYM = tl.constexpr("""
+{
+.reg .b32 t, m;
+mov.b32 m, 0x64086408;
+lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, m;
+mul.f16x2 t, t, $3;
+fma.rn.f16x2 $0, t, $2, $5;
+}
+""")  # symmetric: (1024 + q) - 1032 = q - 8 exactly, then * s: one rounding, like q * s - 8 s
+_H2_ASYM = tl.constexpr("""
+{
+.reg .b32 t, m;
+mov.b32 m, 0x64006400;
+lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, m;
+fma.rn.f16x2 t, t, $3, $4;
+fma.rn.f16x2 $0, t, $2, $5;
+}
+""")  # zero points: (1024 + q) - 1024 = q exactly, then fma(q, s, -o): one rounding of q * s - o
+_H2_SUM = tl.constexpr("""
+{
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 {lo, hi}, $1;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
+
+
+@triton.jit
+def _half2(a, b):
+    """Two fp16 tensors as one int32 tensor of half2s (``a`` in the low half)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [a, b], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_slice(x_ptr, k0, j, K, EVEN_K: tl.constexpr):
+    """x of one slice as fp16 ``[1, SUB]`` (zeros past K)."""
+    if EVEN_K:
+        v = tl.load(x_ptr + k0 + j)
+    else:
+        v = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0)
+    return v[None, :]
+
+
+@triton.jit
+def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, FIRST: tl.constexpr,
+                      HAS_ZERO: tl.constexpr):
+    """The interpreter's stand-in for _H2_SYM / _H2_ASYM: the same fp16 roundings, in tl ops."""
+    if HAS_ZERO:
+        wa = (q_a.to(tl.float32) * sa.to(tl.float32) + noa.to(tl.float32)).to(tl.float16)  # fma: one rounding
+        wb = (q_b.to(tl.float32) * sb.to(tl.float32) + nob.to(tl.float32)).to(tl.float16)
+    else:
+        wa = ((q_a.to(tl.float32) - 8.0) * sa.to(tl.float32)).to(tl.float16)
+        wb = ((q_b.to(tl.float32) - 8.0) * sb.to(tl.float32)).to(tl.float16)
+    pa = wa.to(tl.float32) * xa.to(tl.float32)  # exact in fp32; the FMA rounds once
+    pb = wb.to(tl.float32) * xb.to(tl.float32)
+    if not FIRST:
+        pa += acc_a.to(tl.float32)
+        pb += acc_b.to(tl.float32)
+    return pa.to(tl.float16), pb.to(tl.float16)
+
+
+@triton.jit
+def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
+                    group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr,
+                    ASM: tl.constexpr = True):
+    # M = 1, fp16 activations. [BLOCK_N, SUB] words per step; per half2 pair (slices 2p, 2p + 1)
+    # the x pair is loaded once per tile ([1, SUB], shared by a thread's rows) and the scale once
+    # per row, so the inner work is about 3.4 instructions per weight (SASS, sm_90) against 7.7 in
+    # _gemv_kernel's fp32 path. A word's 8 products add up in half2, then in fp32.
+    # ASM=False (the interpreter, which runs no PTX) does the same fp16 arithmetic in tl ops.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    j = tl.max_contiguous(tl.arange(0, SUB), SUB)
+    w_ptrs = w_ptr + n[:, None] * Kw + j[None, :]
+    acc = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+    t0 = pid_k * tiles_per_split
+    for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
+        w = tl.load(w_ptrs + t * SUB, eviction_policy="evict_first")
+        kt = t * 8 * SUB
+        zero = tl.zeros_like(w)
+        acc2 = zero
+        acc_a = zero.to(tl.float16)
+        acc_b = zero.to(tl.float16)
+        for p in tl.static_range(4):
+            xa = _x_slice(x_ptr, kt + 2 * p * SUB, j, K, EVEN_K)
+            xb = _x_slice(x_ptr, kt + (2 * p + 1) * SUB, j, K, EVEN_K)
+            # the two slices' groups; PAIR_GROUP: 2 * SUB divides the group size, so they are one
+            ga = (kt + 2 * p * SUB) // group_size
+            sa = tl.load(s_ptr + ga * N + n)[:, None]
+            noa = -tl.load(o_ptr + ga * N + n)[:, None] if HAS_ZERO else sa
+            if PAIR_GROUP:
+                sb = sa
+                nob = noa
+            else:
+                gb = (kt + (2 * p + 1) * SUB) // group_size
+                sb = tl.load(s_ptr + gb * N + n)[:, None]
+                nob = -tl.load(o_ptr + gb * N + n)[:, None] if HAS_ZERO else sb
+            if ASM:
+                args = [w >> (4 * p), _half2(xa, xb) + zero, _half2(sa, sb) + zero, _half2(noa, nob) + zero, acc2]
+                if HAS_ZERO:
+                    acc2 = tl.inline_asm_elementwise(_H2_ASYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
+                                                     pack=1)
+                else:
+                    acc2 = tl.inline_asm_elementwise(_H2_SYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
+                                                     pack=1)
+            else:
+                acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb,
+                                                 noa, nob, acc_a, acc_b, p == 0, HAS_ZERO)
+        if ASM:
+            acc += tl.inline_asm_elementwise(_H2_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            acc += acc_a.to(tl.float32) + acc_b.to(tl.float32)
+    out = tl.sum(acc, axis=1)[None, :]
+    m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
     _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
@@ -374,12 +512,14 @@ def dequantize(w: TritonW4, dtype=torch.float16, out: torch.Tensor | None = None
     return out
 
 
-def default_config(m: int, n: int, k: int) -> dict:
+def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     """Launch parameters by batch size, from bench/kernel_sweep.py on an H100 (bench/results/).
 
     * M = 1, small layers (N * K < 4M, SmolLM2's): ``gemv_wide``, no split-K: 2.4-3.4 us, 1.35-1.5x
       cuBLAS, where the split-K GEMV took 4.0-4.8 us (its atomics and tile counter are latency).
-    * M = 1, large layers: the split-K ``gemv`` (1.6-1.8x cuBLAS on Llama-3-8B shapes).
+    * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.0-2.4x cuBLAS on Llama-3-8B
+      shapes where the fp32 ``gemv`` reached 1.6-1.8x; split-K 4 unless N alone gives > 128 programs.
+      bf16 activations take the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16 (1.45-1.58x cuBLAS at M = 16).
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side): 0.7-1.04x at M = 64,
       where ``gemm`` reached 0.5-0.65x.
@@ -391,6 +531,8 @@ def default_config(m: int, n: int, k: int) -> dict:
         if n * k < 1 << 22:
             return dict(kernel="gemv_wide", block_n=8 if k < 1024 else 4, tiles=4, split=1, num_warps=4,
                         num_stages=1)
+        if dtype == torch.float16:
+            return dict(kernel="gemv_h2", block_n=64, split=4 if n <= 128 * 64 else 1, num_warps=8, num_stages=1)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(kernel="gemm", block_m=16, block_n=32, split=4, num_warps=4, num_stages=2)
@@ -400,7 +542,7 @@ def default_config(m: int, n: int, k: int) -> dict:
     return dict(kernel="dequant")
 
 
-KERNELS = ("gemv", "gemv_wide", "gemm", "gemm_swap", "dequant")
+KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant")
 
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
@@ -417,7 +559,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features).contiguous()
     m, n, k = x2.shape[0], w.out_features, w.in_features
-    cfg = default_config(m, n, k)
+    cfg = default_config(m, n, k, x.dtype)
     if kernel is not None and kernel != cfg["kernel"]:
         cfg = dict(kernel=kernel, block_m=16, block_n=32, split=1, num_warps=4, num_stages=2, tiles=1)
     if cfg["kernel"] == "gemv" and block_m is None:
@@ -429,8 +571,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     kind = cfg["kernel"]
     if kind not in KERNELS:
         raise ValueError(f"unknown kernel {kind!r}; choose from {KERNELS}")
-    if kind == "gemv_wide" and m != 1:
-        raise ValueError("gemv_wide takes one row of activations")
+    if kind in ("gemv_wide", "gemv_h2") and m != 1:
+        raise ValueError(f"{kind} takes one row of activations")
+    if kind == "gemv_h2" and x.dtype != torch.float16:
+        raise ValueError("gemv_h2 takes fp16 activations")
     if kind == "dequant":
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype, _scratch(x.device, x.dtype, n * k).view(n, k)))
         return y.reshape(*lead, n)
@@ -451,6 +595,9 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
     if kind == "gemv":
         _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
+    elif kind == "gemv_h2":
+        _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
+            *args, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, ASM=not _INTERPRET, **meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:

@@ -28,14 +28,18 @@ def check(n, k, group_size, asym, m, dtype=torch.float16, seed=0, **config):
 
 
 def test_repack_layout():
-    """Nibble i of word j in a tile is code ``tile * BK + i * SUB + j``; padding codes are 0."""
-    qw = random_qweight(3, 200, 32, asym=False)
+    """Slice i of a tile sits in nibble NIBBLE[i] of its words (pairs 2p, 2p + 1 in nibbles p, p + 4,
+    one half2 apart); word j of slice i is code ``tile * BK + i * SUB + j``; padding codes are 0."""
+    from klaq.kernels.triton_w4a16 import NIBBLE
+
+    assert NIBBLE == (0, 4, 1, 5, 2, 6, 3, 7)
+    qw = random_qweight(3, 200, 64, asym=False)
     w = repack(qw, "cpu")
     bk = w.block_k
-    assert bk == choose_block_k(200, 32) == 256 and w.qweight.shape == (3, bk // 8)
+    assert bk == choose_block_k(200, 64) == 256 and w.qweight.shape == (3, bk // 8)
     words = w.qweight.numpy().view(np.uint32)
     sub = bk // 8
-    codes = (words[:, None, :] >> (4 * np.arange(8, dtype=np.uint32))[None, :, None]) & 15
+    codes = (words[:, None, :] >> (4 * np.array(NIBBLE, dtype=np.uint32))[None, :, None]) & 15
     assert (codes.reshape(3, bk)[:, :200] == qw.codes).all() and (codes.reshape(3, bk)[:, 200:] == 0).all()
     assert sub == 32
 
@@ -68,6 +72,24 @@ def test_wide_swap_and_dequant_paths(kernel, m, config, asym, dtype):
     check(40, 576, 64, asym, m, dtype, seed=m, kernel=kernel, **config)
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("config", [dict(block_n=16), dict(block_n=8, split=3)], ids=str)
+def test_gemv_h2(group_size, asym, config):
+    """The half2 GEMV (M = 1, fp16): K = 576 is ragged at groups 128 and 256, N = 40 against any tile.
+
+    On a GPU this runs the PTX; the interpreter runs ASM=False, the same fp16 roundings in tl ops.
+    """
+    check(40, 576, group_size, asym, 1, seed=group_size, kernel="gemv_h2", **config)
+
+
+@pytest.mark.parametrize("m,dtype,match", [(2, torch.float16, "one row"), (1, torch.bfloat16, "fp16")])
+def test_gemv_h2_rejects(m, dtype, match):
+    qw = random_qweight(8, 64, 64, asym=False)
+    with pytest.raises(ValueError, match=match):
+        w4a16_matmul(torch.randn(m, 64).to(dtype).to(DEVICE), repack(qw, DEVICE), kernel="gemv_h2")
+
+
 def test_dequantize_is_the_reference_weight():
     """The dequant path's weight is the contract's ``q * s - o`` rounded once to fp16."""
     from klaq.kernels.triton_w4a16 import dequantize
@@ -83,7 +105,7 @@ def test_gemv_wide_rejects_batches():
         w4a16_matmul(torch.randn(2, 64).half().to(DEVICE), repack(qw, DEVICE), kernel="gemv_wide")
 
 
-@pytest.mark.parametrize("m,kind", [(1, "gemv_wide"), (1, "gemv"), (4, "gemm"), (16, "gemm"), (17, "gemm_swap"),
+@pytest.mark.parametrize("m,kind", [(1, "gemv_wide"), (1, "gemv_h2"), (4, "gemm"), (16, "gemm"), (17, "gemm_swap"),
                                     (128, "gemm_swap"), (129, "dequant")])
 def test_default_config_by_batch(m, kind):
     from klaq.kernels.triton_w4a16 import default_config
@@ -91,8 +113,17 @@ def test_default_config_by_batch(m, kind):
     assert default_config(m, 576 if kind == "gemv_wide" else 4096, 576 if kind == "gemv_wide" else 4096)["kernel"] == kind
 
 
+def test_default_config_bf16_batch1_takes_the_fp32_gemv():
+    """gemv_h2 computes in fp16: bf16 activations (wider range) keep the fp32 GEMV."""
+    from klaq.kernels.triton_w4a16 import default_config
+
+    assert default_config(1, 4096, 4096, torch.bfloat16)["kernel"] == "gemv"
+    assert default_config(1, 4096, 4096, torch.float16)["kernel"] == "gemv_h2"
+
+
 def test_long_ragged_k():
     check(16, 4096 + 64, 128, True, 1, kernel="gemv", block_n=16)
+    check(16, 4096 + 64, 128, True, 1, kernel="gemv_h2", block_n=16)
 
 
 @gpu
@@ -106,13 +137,15 @@ def test_gpu_shapes(n, k, group_size, asym, m, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["gemv", "gemv_wide", "gemm", "gemm_swap"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap"])
 @pytest.mark.parametrize("split", [1, 2, 4, 8])
 @pytest.mark.parametrize("block_n", [8, 16, 32, 64, 128])
 def test_gpu_configs(kernel, split, block_n):
-    m = {"gemv": 4, "gemv_wide": 1}.get(kernel, 24)
+    m = {"gemv": 4, "gemv_wide": 1, "gemv_h2": 1}.get(kernel, 24)
     extra = dict(tiles=max(1, 64 // block_n)) if kernel == "gemv_wide" else dict(block_m=4 if kernel == "gemv" else 32)
     check(1000, 4096 + 64, 128, True, m, kernel=kernel, split=split, block_n=block_n, **extra)
+    if kernel == "gemv_h2":
+        check(1000, 4096 + 64, 128, False, m, kernel=kernel, split=split, block_n=block_n)
 
 
 def test_split_k_leaves_workspace_clean():
