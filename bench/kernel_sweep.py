@@ -34,8 +34,8 @@ def configs(m: int):
                 yield dict(kernel="gemv_wide", block_n=bn, tiles=tiles, split=split, num_warps=warps, num_stages=1)
         for bn, split in itertools.product([16, 32, 64], [1, 2, 4]):
             yield dict(kernel="gemv", block_m=1, block_n=bn, split=split, num_warps=4, num_stages=1)
-        for bn, split, warps, stages in itertools.product([16, 32, 64, 128], [1, 2, 4, 8], [4, 8], [1, 2]):
-            yield dict(kernel="gemv_h2", block_n=bn, split=split, num_warps=warps, num_stages=stages)
+        for bn, split, warps, unroll in itertools.product([16, 32, 64], [1, 2, 4, 8], [4, 8], [1, 2]):
+            yield dict(kernel="gemv_h2", block_n=bn, split=split, num_warps=warps, num_stages=1, unroll=unroll)
         return
     if m <= 16:
         for bn, split, stages in itertools.product([32, 64], [2, 4, 8], [2, 3, 4]):

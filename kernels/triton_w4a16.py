@@ -280,8 +280,7 @@ def _x_slice(x_ptr, k0, j, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, FIRST: tl.constexpr,
-                      HAS_ZERO: tl.constexpr):
+def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, HAS_ZERO: tl.constexpr):
     """The interpreter's stand-in for _H2_SYM / _H2_ASYM: the same fp16 roundings, in tl ops."""
     if HAS_ZERO:
         wa = (q_a.to(tl.float32) * sa.to(tl.float32) + noa.to(tl.float32)).to(tl.float16)  # fma: one rounding
@@ -289,23 +288,61 @@ def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, FIRST: t
     else:
         wa = ((q_a.to(tl.float32) - 8.0) * sa.to(tl.float32)).to(tl.float16)
         wb = ((q_b.to(tl.float32) - 8.0) * sb.to(tl.float32)).to(tl.float16)
-    pa = wa.to(tl.float32) * xa.to(tl.float32)  # exact in fp32; the FMA rounds once
-    pb = wb.to(tl.float32) * xb.to(tl.float32)
-    if not FIRST:
-        pa += acc_a.to(tl.float32)
-        pb += acc_b.to(tl.float32)
+    pa = wa.to(tl.float32) * xa.to(tl.float32) + acc_a.to(tl.float32)  # product exact; one rounding
+    pb = wb.to(tl.float32) * xb.to(tl.float32) + acc_b.to(tl.float32)
     return pa.to(tl.float16), pb.to(tl.float16)
+
+
+@triton.jit
+def _h2_tile(w, tt, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a, acc_b, HAS_ZERO: tl.constexpr,
+             SUB: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr, ASM: tl.constexpr):
+    """Tile ``tt``'s words ``w`` [BLOCK_N, SUB] times x, added to the half2 sums (``acc2``, or
+    ``acc_a``/``acc_b`` when emulated). A tile at or past ``t_end`` meets x = 0."""
+    zero = tl.zeros_like(w)
+    kt = tt * 8 * SUB
+    live = j * 0 + tt < t_end  # a tensor: the interpreter takes no scalar masks
+    kg = tl.minimum(tt, t_end - 1) * 8 * SUB  # a dead tile reads the last live tile's (finite) scales
+    for p in tl.static_range(4):
+        ka = kt + 2 * p * SUB + j
+        if EVEN_K:
+            xa = tl.load(x_ptr + ka, mask=live, other=0.0)[None, :]
+            xb = tl.load(x_ptr + ka + SUB, mask=live, other=0.0)[None, :]
+        else:
+            xa = tl.load(x_ptr + ka, mask=live & (ka < K), other=0.0)[None, :]
+            xb = tl.load(x_ptr + ka + SUB, mask=live & (ka + SUB < K), other=0.0)[None, :]
+        # the two slices' groups; PAIR_GROUP: 2 * SUB divides the group size, so they are one
+        ga = (kg + 2 * p * SUB) // group_size
+        sa = tl.load(s_ptr + ga * N + n)[:, None]
+        noa = -tl.load(o_ptr + ga * N + n)[:, None] if HAS_ZERO else sa
+        if PAIR_GROUP:
+            sb = sa
+            nob = noa
+        else:
+            gb = (kg + (2 * p + 1) * SUB) // group_size
+            sb = tl.load(s_ptr + gb * N + n)[:, None]
+            nob = -tl.load(o_ptr + gb * N + n)[:, None] if HAS_ZERO else sb
+        if ASM:
+            args = [w >> (4 * p), _half2(xa, xb) + zero, _half2(sa, sb) + zero, _half2(noa, nob) + zero, acc2]
+            if HAS_ZERO:
+                acc2 = tl.inline_asm_elementwise(_H2_ASYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                acc2 = tl.inline_asm_elementwise(_H2_SYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb, noa,
+                                             nob, acc_a, acc_b, HAS_ZERO)
+    return acc2, acc_a, acc_b
 
 
 @triton.jit
 def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                     group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                     SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr,
-                    ASM: tl.constexpr = True):
+                    UNROLL: tl.constexpr = 1, ASM: tl.constexpr = True):
     # M = 1, fp16 activations. [BLOCK_N, SUB] words per step; per half2 pair (slices 2p, 2p + 1)
     # the x pair is loaded once per tile ([1, SUB], shared by a thread's rows) and the scale once
-    # per row, so the inner work is about 3.4 instructions per weight (SASS, sm_90) against 7.7 in
-    # _gemv_kernel's fp32 path. A word's 8 products add up in half2, then in fp32.
+    # per row: the loop runs 4.2-4.6 instructions per weight (SASS for sm_90, counted per
+    # iteration) against 7.7 in _gemv_kernel's fp32 path. UNROLL tiles per step (their loads
+    # issued together) share one half2 sum per word (8 * UNROLL products), then fp32.
     # ASM=False (the interpreter, which runs no PTX) does the same fp16 arithmetic in tl ops.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -314,38 +351,21 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     w_ptrs = w_ptr + n[:, None] * Kw + j[None, :]
     acc = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
     t0 = pid_k * tiles_per_split
-    for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
+    t_end = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t_end, UNROLL):
         w = tl.load(w_ptrs + t * SUB, eviction_policy="evict_first")
-        kt = t * 8 * SUB
+        if UNROLL == 2:
+            w2 = tl.load(w_ptrs + (t + 1) * SUB, mask=j[None, :] * 0 + t + 1 < t_end, other=0,
+                         eviction_policy="evict_first")
         zero = tl.zeros_like(w)
         acc2 = zero
         acc_a = zero.to(tl.float16)
         acc_b = zero.to(tl.float16)
-        for p in tl.static_range(4):
-            xa = _x_slice(x_ptr, kt + 2 * p * SUB, j, K, EVEN_K)
-            xb = _x_slice(x_ptr, kt + (2 * p + 1) * SUB, j, K, EVEN_K)
-            # the two slices' groups; PAIR_GROUP: 2 * SUB divides the group size, so they are one
-            ga = (kt + 2 * p * SUB) // group_size
-            sa = tl.load(s_ptr + ga * N + n)[:, None]
-            noa = -tl.load(o_ptr + ga * N + n)[:, None] if HAS_ZERO else sa
-            if PAIR_GROUP:
-                sb = sa
-                nob = noa
-            else:
-                gb = (kt + (2 * p + 1) * SUB) // group_size
-                sb = tl.load(s_ptr + gb * N + n)[:, None]
-                nob = -tl.load(o_ptr + gb * N + n)[:, None] if HAS_ZERO else sb
-            if ASM:
-                args = [w >> (4 * p), _half2(xa, xb) + zero, _half2(sa, sb) + zero, _half2(noa, nob) + zero, acc2]
-                if HAS_ZERO:
-                    acc2 = tl.inline_asm_elementwise(_H2_ASYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
-                                                     pack=1)
-                else:
-                    acc2 = tl.inline_asm_elementwise(_H2_SYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
-                                                     pack=1)
-            else:
-                acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb,
-                                                 noa, nob, acc_a, acc_b, p == 0, HAS_ZERO)
+        acc2, acc_a, acc_b = _h2_tile(w, t, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a, acc_b,
+                                      HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
+        if UNROLL == 2:
+            acc2, acc_a, acc_b = _h2_tile(w2, t + 1, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a,
+                                          acc_b, HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
         if ASM:
             acc += tl.inline_asm_elementwise(_H2_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
         else:
@@ -547,7 +567,7 @@ KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant")
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, tiles: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, tiles: int | None = None, unroll: int | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per
@@ -565,7 +585,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if cfg["kernel"] == "gemv" and block_m is None:
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
-                         num_stages=num_stages, tiles=tiles).items():
+                         num_stages=num_stages, tiles=tiles, unroll=unroll).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -597,7 +617,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-            *args, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, ASM=not _INTERPRET, **meta)
+            *args, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, UNROLL=cfg.get("unroll", 1), ASM=not _INTERPRET,
+            **meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:

@@ -74,7 +74,8 @@ def test_wide_swap_and_dequant_paths(kernel, m, config, asym, dtype):
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("config", [dict(block_n=16), dict(block_n=8, split=3)], ids=str)
+@pytest.mark.parametrize("config", [dict(block_n=16), dict(block_n=8, split=3), dict(block_n=8, split=2, unroll=2)],
+                         ids=str)
 def test_gemv_h2(group_size, asym, config):
     """The half2 GEMV (M = 1, fp16): K = 576 is ragged at groups 128 and 256, N = 40 against any tile.
 
