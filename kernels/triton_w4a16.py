@@ -262,6 +262,30 @@ add.f32 $0, flo, fhi;
 """)
 
 
+# The weights of one half2 pair as two fp16 values (for tl.dot): the _H2 dequantization without
+# the product. ``$2``: the shifted word, ``$3`` the two codes' scales, ``$4`` their -o.
+_DQ_SYM = tl.constexpr("""
+{
+.reg .b32 t, m;
+mov.b32 m, 0x64086408;
+lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, m;
+mul.f16x2 t, t, $3;
+mov.b32 {$0, $1}, t;
+}
+""")
+_DQ_ASYM = tl.constexpr("""
+{
+.reg .b32 t, m;
+mov.b32 m, 0x64006400;
+lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, m;
+fma.rn.f16x2 t, t, $3, $4;
+mov.b32 {$0, $1}, t;
+}
+""")
+
+
 @triton.jit
 def _half2(a, b):
     """Two fp16 tensors as one int32 tensor of half2s (``a`` in the low half)."""
@@ -378,10 +402,22 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
+def _x_tile(x_ptr, offs_m, stride_xm, kk, K, EVEN_K: tl.constexpr):
+    """x ``[BLOCK_M, SUB]`` at columns ``kk`` (zeros past K)."""
+    if EVEN_K:
+        v = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :])
+    else:
+        v = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+    return v
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                  group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                 DOT_F32: tl.constexpr = False):
+                 DOT_F32: tl.constexpr = False, H2: tl.constexpr = False, PAIR_GROUP: tl.constexpr = False):
+    # H2 (fp16 activations, not the interpreter): the weight dequantized two slices at a time in
+    # half2 (_DQ_SYM / _DQ_ASYM), the same fp16 weights as the fp32 path (one rounding of q*s - o).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -395,21 +431,41 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     t0 = pid_k * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
         w = tl.load(w_cols + t * SUB, eviction_policy="evict_first")
-        for i in tl.static_range(8):
-            k0 = t * 8 * SUB + i * SUB
-            kk = k0 + offs_j
-            if EVEN_K:
-                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :])
-            else:
-                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=(kk < K)[None, :], other=0.0)
-            g = k0 // group_size
-            s16, c = _group_affine(s_ptr + g * N + offs_n, o_ptr + g * N + offs_n, None, HAS_ZERO)
-            # One rounding, as the contract has it: q * s - o in fp32, then to x's dtype.
-            wd = (_nibble_1p(w, i) * s16[None, :] - c[None, :]).to(dtype)
-            if DOT_F32:  # same products, exact in fp32: the interpreter's bf16 dot is wrong
-                acc += tl.dot(xk.to(tl.float32), wd.to(tl.float32))
-            else:
-                acc = tl.dot(xk, wd, acc)
+        if H2:  # fp16 on a GPU: a pair of slices per shift + LOP3, dequantized in half2 (_DQ_*)
+            zero = tl.zeros_like(w)
+            for p in tl.static_range(4):
+                ka = t * 8 * SUB + 2 * p * SUB
+                ga = ka // group_size
+                sa = tl.load(s_ptr + ga * N + offs_n)[None, :]
+                noa = -tl.load(o_ptr + ga * N + offs_n)[None, :] if HAS_ZERO else sa
+                if PAIR_GROUP:
+                    sb = sa
+                    nob = noa
+                else:
+                    gb = (ka + SUB) // group_size
+                    sb = tl.load(s_ptr + gb * N + offs_n)[None, :]
+                    nob = -tl.load(o_ptr + gb * N + offs_n)[None, :] if HAS_ZERO else sb
+                args = [w >> (4 * p), _half2(sa, sb) + zero, _half2(noa, nob) + zero]
+                if HAS_ZERO:
+                    wa, wb = tl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16),
+                                                       is_pure=True, pack=1)
+                else:
+                    wa, wb = tl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16),
+                                                       is_pure=True, pack=1)
+                acc = tl.dot(_x_tile(x_ptr, offs_m, stride_xm, ka + offs_j, K, EVEN_K), wa, acc)
+                acc = tl.dot(_x_tile(x_ptr, offs_m, stride_xm, ka + SUB + offs_j, K, EVEN_K), wb, acc)
+        else:
+            for i in tl.static_range(8):
+                k0 = t * 8 * SUB + i * SUB
+                xk = _x_tile(x_ptr, offs_m, stride_xm, k0 + offs_j, K, EVEN_K)
+                g = k0 // group_size
+                s16, c = _group_affine(s_ptr + g * N + offs_n, o_ptr + g * N + offs_n, None, HAS_ZERO)
+                # One rounding, as the contract has it: q * s - o in fp32, then to x's dtype.
+                wd = (_nibble_1p(w, i) * s16[None, :] - c[None, :]).to(dtype)
+                if DOT_F32:  # same products, exact in fp32: the interpreter's bf16 dot is wrong
+                    acc += tl.dot(xk.to(tl.float32), wd.to(tl.float32))
+                else:
+                    acc = tl.dot(xk, wd, acc)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -540,7 +596,8 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.0-2.4x cuBLAS on Llama-3-8B
       shapes where the fp32 ``gemv`` reached 1.6-1.8x; split-K 4 unless N alone gives > 128 programs.
       bf16 activations take the ``gemv``.
-    * M = 2-16: ``gemm`` with M padded to 16 (1.45-1.58x cuBLAS at M = 16).
+    * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
+      1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side): 0.7-1.04x at M = 64,
       where ``gemm`` reached 0.5-0.65x.
     * M > 128: ``dequant`` + cuBLAS, 0.5-0.6x at M = 256; every fused variant swept (``gemm``,
@@ -555,7 +612,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
             return dict(kernel="gemv_h2", block_n=64, split=4 if n <= 128 * 64 else 1, num_warps=8, num_stages=1)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
-        return dict(kernel="gemm", block_m=16, block_n=32, split=4, num_warps=4, num_stages=2)
+        return dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)
     if m <= 128:
         return dict(kernel="gemm_swap", block_m=32 if m <= 32 else 64, block_n=128, split=4, num_warps=8,
                     num_stages=2)
@@ -567,7 +624,8 @@ KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant")
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, tiles: int | None = None, unroll: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, tiles: int | None = None, unroll: int | None = None,
+                 h2: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per
@@ -585,7 +643,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if cfg["kernel"] == "gemv" and block_m is None:
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
-                         num_stages=num_stages, tiles=tiles, unroll=unroll).items():
+                         num_stages=num_stages, tiles=tiles, unroll=unroll, h2=h2).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -624,7 +682,9 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
         if kind == "gemm":
-            _gemm_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **meta)
+            h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)
+            _gemm_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=h2,
+                               PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, **meta)
         else:
             _gemm_swap_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **meta)
     return y.reshape(*lead, n)
