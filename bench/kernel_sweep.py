@@ -48,6 +48,7 @@ def configs(m: int):
     for bm, bn, split, warps, stages in itertools.product(bms, [64, 128, 256], splits, [4, 8], [3, 4]):
         if bm * bn <= 64 * 128 or warps == 8:
             yield dict(kernel="gemm_swap", block_m=bm, block_n=bn, split=split, num_warps=warps, num_stages=stages)
+            yield dict(kernel="gemm", block_m=bm, block_n=bn, split=split, num_warps=warps, num_stages=stages)
     yield dict(kernel="dequant")
 
 

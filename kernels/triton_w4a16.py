@@ -38,8 +38,8 @@ With split-K the partial sums meet in a shared fp32 workspace, finished by the l
 each tile (:func:`_store_split`), so every call is a single launch.
 
 Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.1-2.5x cuBLAS fp16 on
-Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.45-1.55x; M = 64
-0.7-1.04x; M = 256 0.5-0.6x.
+Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
+0.8-1.2x; M = 256 0.5-0.6x.
 """
 
 from __future__ import annotations
@@ -402,6 +402,42 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
+def _dq_pair(w, p: tl.constexpr, ka, s_ptr, o_ptr, offs_n, N, group_size, N_AXIS: tl.constexpr, SUB: tl.constexpr,
+             HAS_ZERO: tl.constexpr, PAIR_GROUP: tl.constexpr):
+    """Slices 2p and 2p + 1 (from code ``ka``) of the words ``w`` as two fp16 tensors (_DQ_*).
+
+    ``offs_n`` runs along axis ``N_AXIS`` of ``w``; PAIR_GROUP: both slices share one group.
+    """
+    zero = tl.zeros_like(w)
+    ga = ka // group_size
+    sa = tl.load(s_ptr + ga * N + offs_n)
+    noa = -tl.load(o_ptr + ga * N + offs_n) if HAS_ZERO else sa
+    if PAIR_GROUP:
+        sb = sa
+        nob = noa
+    else:
+        gb = (ka + SUB) // group_size
+        sb = tl.load(s_ptr + gb * N + offs_n)
+        nob = -tl.load(o_ptr + gb * N + offs_n) if HAS_ZERO else sb
+    s2 = _half2(sa, sb)
+    o2 = _half2(noa, nob)
+    if N_AXIS == 1:
+        s2 = s2[None, :]
+        o2 = o2[None, :]
+    else:
+        s2 = s2[:, None]
+        o2 = o2[:, None]
+    args = [w >> (4 * p), s2 + zero, o2 + zero]
+    if HAS_ZERO:
+        wa, wb = tl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=1)
+    else:
+        wa, wb = tl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=1)
+    return wa, wb
+
+
+@triton.jit
 def _x_tile(x_ptr, offs_m, stride_xm, kk, K, EVEN_K: tl.constexpr):
     """x ``[BLOCK_M, SUB]`` at columns ``kk`` (zeros past K)."""
     if EVEN_K:
@@ -432,26 +468,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
         w = tl.load(w_cols + t * SUB, eviction_policy="evict_first")
         if H2:  # fp16 on a GPU: a pair of slices per shift + LOP3, dequantized in half2 (_DQ_*)
-            zero = tl.zeros_like(w)
             for p in tl.static_range(4):
                 ka = t * 8 * SUB + 2 * p * SUB
-                ga = ka // group_size
-                sa = tl.load(s_ptr + ga * N + offs_n)[None, :]
-                noa = -tl.load(o_ptr + ga * N + offs_n)[None, :] if HAS_ZERO else sa
-                if PAIR_GROUP:
-                    sb = sa
-                    nob = noa
-                else:
-                    gb = (ka + SUB) // group_size
-                    sb = tl.load(s_ptr + gb * N + offs_n)[None, :]
-                    nob = -tl.load(o_ptr + gb * N + offs_n)[None, :] if HAS_ZERO else sb
-                args = [w >> (4 * p), _half2(sa, sb) + zero, _half2(noa, nob) + zero]
-                if HAS_ZERO:
-                    wa, wb = tl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16),
-                                                       is_pure=True, pack=1)
-                else:
-                    wa, wb = tl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16),
-                                                       is_pure=True, pack=1)
+                wa, wb = _dq_pair(w, p, ka, s_ptr, o_ptr, offs_n, N, group_size, 1, SUB, HAS_ZERO, PAIR_GROUP)
                 acc = tl.dot(_x_tile(x_ptr, offs_m, stride_xm, ka + offs_j, K, EVEN_K), wa, acc)
                 acc = tl.dot(_x_tile(x_ptr, offs_m, stride_xm, ka + SUB + offs_j, K, EVEN_K), wb, acc)
         else:
@@ -512,10 +531,20 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
 
 
 @triton.jit
+def _x_cols(x_cols, k0, offs_j, K, EVEN_K: tl.constexpr):
+    """x^T ``[SUB, BLOCK_M]`` from code ``k0`` (zeros past K), for the swapped GEMM."""
+    if EVEN_K:
+        v = tl.load(x_cols + k0)
+    else:
+        v = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
+    return v
+
+
+@triton.jit
 def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                      DOT_F32: tl.constexpr = False):
+                      DOT_F32: tl.constexpr = False, H2: tl.constexpr = False, PAIR_GROUP: tl.constexpr = False):
     # Y^T = W X^T: the dequantized weight slice [BLOCK_N, SUB] is the *left* operand. On Hopper the
     # left wgmma operand may come from registers (the right one must sit in shared memory), so the
     # freshly dequantized weight goes straight into the tensor core and only x is staged; weight
@@ -535,19 +564,23 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     t_end = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t_end):
         w = tl.load(w_rows + t * SUB, eviction_policy="evict_first")
-        for i in tl.static_range(8):
-            k0 = t * 8 * SUB + i * SUB
-            if EVEN_K:
-                xk = tl.load(x_cols + k0)
-            else:
-                xk = tl.load(x_cols + k0, mask=(k0 + offs_j < K)[:, None], other=0.0)
-            g = k0 // group_size
-            s16, c = _group_affine(s_ptr + g * N + offs_n, o_ptr + g * N + offs_n, None, HAS_ZERO)
-            wd = (_nibble_1p(w, i) * s16[:, None] - c[:, None]).to(dtype)
-            if DOT_F32:
-                acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
-            else:
-                acc = tl.dot(wd, xk, acc)
+        if H2:  # as in _gemm_kernel: two slices per shift + LOP3, dequantized in half2
+            for p in tl.static_range(4):
+                ka = t * 8 * SUB + 2 * p * SUB
+                wa, wb = _dq_pair(w, p, ka, s_ptr, o_ptr, offs_n, N, group_size, 0, SUB, HAS_ZERO, PAIR_GROUP)
+                acc = tl.dot(wa, _x_cols(x_cols, ka, offs_j, K, EVEN_K), acc)
+                acc = tl.dot(wb, _x_cols(x_cols, ka + SUB, offs_j, K, EVEN_K), acc)
+        else:
+            for i in tl.static_range(8):
+                k0 = t * 8 * SUB + i * SUB
+                xk = _x_cols(x_cols, k0, offs_j, K, EVEN_K)
+                g = k0 // group_size
+                s16, c = _group_affine(s_ptr + g * N + offs_n, o_ptr + g * N + offs_n, None, HAS_ZERO)
+                wd = (_nibble_1p(w, i) * s16[:, None] - c[:, None]).to(dtype)
+                if DOT_F32:
+                    acc += tl.dot(wd.to(tl.float32), xk.to(tl.float32))
+                else:
+                    acc = tl.dot(wd, xk, acc)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -598,11 +631,11 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       bf16 activations take the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
-    * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side): 0.7-1.04x at M = 64,
-      where ``gemm`` reached 0.5-0.65x.
+    * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
+      dequantized in half2: 0.8-1.2x at M = 64 (0.7-1.0x with the fp32 dequant; ``gemm`` 0.5-0.65x).
     * M > 128: ``dequant`` + cuBLAS, 0.5-0.6x at M = 256; every fused variant swept (``gemm``,
       ``gemm_swap``, and a ``gemm_swap`` staging x one K-slice per pipelined step, since removed)
-      stayed at or below 0.47x there.
+      stayed at or below 0.47x there, with half2 dequantization too.
     """
     if m == 1:
         if n * k < 1 << 22:
@@ -681,12 +714,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
-        if kind == "gemm":
-            h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)
-            _gemm_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=h2,
-                               PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, **meta)
-        else:
-            _gemm_swap_kernel[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **meta)
+        h2 = dict(H2=x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True),
+                  PAIR_GROUP=w.group_size % (w.block_k // 4) == 0)
+        kern = _gemm_kernel if kind == "gemm" else _gemm_swap_kernel
+        kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **h2, **meta)
     return y.reshape(*lead, n)
 
 
