@@ -84,6 +84,17 @@ def test_gemv_h2(group_size, asym, config):
     check(40, 576, group_size, asym, 1, seed=group_size, kernel="gemv_h2", **config)
 
 
+def test_gemv_h2_large_activations():
+    """Products add up in half2 for 8 codes only: outliers of 4000 (massive activations) stay finite and exact."""
+    qw = random_qweight(64, 1024, 128, asym=True, seed=5)
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(5)) * 30
+    x[0, ::97] = 4000.0
+    x = x.half()
+    y = w4a16_matmul(x.to(DEVICE), repack(qw, DEVICE), kernel="gemv_h2", block_n=16)
+    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
+    assert err < TOL[torch.float16], err
+
+
 @pytest.mark.parametrize("m,dtype,match", [(2, torch.float16, "one row"), (1, torch.bfloat16, "fp16")])
 def test_gemv_h2_rejects(m, dtype, match):
     qw = random_qweight(8, 64, 64, asym=False)
