@@ -7,7 +7,7 @@ Both kernels read one layout, made once at load by :func:`repack` from the canon
   tile holds the code ``tile * BK + i * SUB + j`` of slice ``i`` in nibble ``NIBBLE[i]``. So one
   shift-and-mask of a ``[*, SUB]`` block of words yields ``SUB`` *consecutive* codes: no gather,
   no reshape, and the x slice they meet is contiguous. Slices 2p and 2p + 1 sit 16 bits apart
-  (nibbles p and p + 4), one half2 after a shift and a mask (``gemv_h2``). ``Kp`` is K rounded up to BK; the padding
+  (nibbles p and p + 4): one half2 after a shift and a mask. ``Kp`` is K rounded up to BK; the padding
   codes are 0 and meet x = 0 (masked loads), so they add nothing.
 * ``scales`` fp16 ``[Gp, N]`` (transposed so one group's scales are one contiguous row), and for
   asymmetric weights ``offsets`` fp16 ``[Gp, N]`` = ``fp16(z * s)``, the contract's rounding point.
@@ -128,8 +128,9 @@ def repack(qweight: QuantizedWeight, device="cuda", block_k: int | None = None) 
 def _nibble_1p(w, i: tl.constexpr):
     """Slice ``i``'s code (nibble ``NIBBLE[i]``) of int32 words as the float32 ``1 + q / 16``.
 
-    One shift and one LOP3: the nibble lands in the top mantissa bits of 1.0 (bits 19..22); ``q * s - o`` is then one
-    FMA, ``(1 + q/16) * 16s - (16s + o)``, exact in fp32 like the contract's ``q * s - o``.
+    One shift and one LOP3: the nibble lands in the top mantissa bits of 1.0 (bits 19..22);
+    ``q * s - o`` is then one FMA, ``(1 + q/16) * 16s - (16s + o)``, exact in fp32 like the
+    contract's ``q * s - o``.
     """
     b: tl.constexpr = 4 * (i // 2 + 4 * (i % 2))  # NIBBLE[i]'s first bit
     if b <= 19:
@@ -294,13 +295,24 @@ def _half2(a, b):
 
 
 @triton.jit
-def _x_slice(x_ptr, k0, j, K, EVEN_K: tl.constexpr):
-    """x of one slice as fp16 ``[1, SUB]`` (zeros past K)."""
-    if EVEN_K:
-        v = tl.load(x_ptr + k0 + j)
+def _pair_scales(s_ptr, o_ptr, ka, offs_n, N, group_size, SUB: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 PAIR_GROUP: tl.constexpr):
+    """Scales and -offsets ``[len(offs_n)]`` of slices starting at codes ``ka`` and ``ka + SUB``.
+
+    PAIR_GROUP: 2 * SUB divides the group size, so both slices are in one group (one load).
+    Symmetric weights have no offsets: the scales stand in (the _SYM assembly ignores them).
+    """
+    ga = ka // group_size
+    sa = tl.load(s_ptr + ga * N + offs_n)
+    noa = -tl.load(o_ptr + ga * N + offs_n) if HAS_ZERO else sa
+    if PAIR_GROUP:
+        sb = sa
+        nob = noa
     else:
-        v = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0)
-    return v[None, :]
+        gb = (ka + SUB) // group_size
+        sb = tl.load(s_ptr + gb * N + offs_n)
+        nob = -tl.load(o_ptr + gb * N + offs_n) if HAS_ZERO else sb
+    return sa, sb, noa, nob
 
 
 @triton.jit
@@ -318,8 +330,9 @@ def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, HAS_ZERO
 
 
 @triton.jit
-def _h2_tile(w, tt, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a, acc_b, HAS_ZERO: tl.constexpr,
-             SUB: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr, ASM: tl.constexpr):
+def _h2_tile(w, tt, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a, acc_b,
+             HAS_ZERO: tl.constexpr, SUB: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr,
+             ASM: tl.constexpr):
     """Tile ``tt``'s words ``w`` [BLOCK_N, SUB] times x, added to the half2 sums (``acc2``, or
     ``acc_a``/``acc_b`` when emulated). A tile at or past ``t_end`` meets x = 0."""
     zero = tl.zeros_like(w)
@@ -334,26 +347,23 @@ def _h2_tile(w, tt, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, ac
         else:
             xa = tl.load(x_ptr + ka, mask=live & (ka < K), other=0.0)[None, :]
             xb = tl.load(x_ptr + ka + SUB, mask=live & (ka + SUB < K), other=0.0)[None, :]
-        # the two slices' groups; PAIR_GROUP: 2 * SUB divides the group size, so they are one
-        ga = (kg + 2 * p * SUB) // group_size
-        sa = tl.load(s_ptr + ga * N + n)[:, None]
-        noa = -tl.load(o_ptr + ga * N + n)[:, None] if HAS_ZERO else sa
-        if PAIR_GROUP:
-            sb = sa
-            nob = noa
-        else:
-            gb = (kg + (2 * p + 1) * SUB) // group_size
-            sb = tl.load(s_ptr + gb * N + n)[:, None]
-            nob = -tl.load(o_ptr + gb * N + n)[:, None] if HAS_ZERO else sb
+        sa, sb, noa, nob = _pair_scales(s_ptr, o_ptr, kg + 2 * p * SUB, n, N, group_size, SUB, HAS_ZERO,
+                                        PAIR_GROUP)
+        sa = sa[:, None]
+        sb = sb[:, None]
+        noa = noa[:, None]
+        nob = nob[:, None]
         if ASM:
             args = [w >> (4 * p), _half2(xa, xb) + zero, _half2(sa, sb) + zero, _half2(noa, nob) + zero, acc2]
             if HAS_ZERO:
-                acc2 = tl.inline_asm_elementwise(_H2_ASYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+                acc2 = tl.inline_asm_elementwise(_H2_ASYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
+                                                 pack=1)
             else:
-                acc2 = tl.inline_asm_elementwise(_H2_SYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+                acc2 = tl.inline_asm_elementwise(_H2_SYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
+                                                 pack=1)
         else:
-            acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb, noa,
-                                             nob, acc_a, acc_b, HAS_ZERO)
+            acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb,
+                                             noa, nob, acc_a, acc_b, HAS_ZERO)
     return acc2, acc_a, acc_b
 
 
@@ -385,11 +395,11 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
         acc2 = zero
         acc_a = zero.to(tl.float16)
         acc_b = zero.to(tl.float16)
-        acc2, acc_a, acc_b = _h2_tile(w, t, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a, acc_b,
-                                      HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
+        acc2, acc_a, acc_b = _h2_tile(w, t, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a,
+                                      acc_b, HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
         if UNROLL == 2:
-            acc2, acc_a, acc_b = _h2_tile(w2, t + 1, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a,
-                                          acc_b, HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
+            acc2, acc_a, acc_b = _h2_tile(w2, t + 1, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2,
+                                          acc_a, acc_b, HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
         if ASM:
             acc += tl.inline_asm_elementwise(_H2_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
         else:
@@ -402,23 +412,14 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
-def _dq_pair(w, p: tl.constexpr, ka, s_ptr, o_ptr, offs_n, N, group_size, N_AXIS: tl.constexpr, SUB: tl.constexpr,
-             HAS_ZERO: tl.constexpr, PAIR_GROUP: tl.constexpr):
+def _dq_pair(w, p: tl.constexpr, ka, s_ptr, o_ptr, offs_n, N, group_size, N_AXIS: tl.constexpr,
+             SUB: tl.constexpr, HAS_ZERO: tl.constexpr, PAIR_GROUP: tl.constexpr):
     """Slices 2p and 2p + 1 (from code ``ka``) of the words ``w`` as two fp16 tensors (_DQ_*).
 
     ``offs_n`` runs along axis ``N_AXIS`` of ``w``; PAIR_GROUP: both slices share one group.
     """
     zero = tl.zeros_like(w)
-    ga = ka // group_size
-    sa = tl.load(s_ptr + ga * N + offs_n)
-    noa = -tl.load(o_ptr + ga * N + offs_n) if HAS_ZERO else sa
-    if PAIR_GROUP:
-        sb = sa
-        nob = noa
-    else:
-        gb = (ka + SUB) // group_size
-        sb = tl.load(s_ptr + gb * N + offs_n)
-        nob = -tl.load(o_ptr + gb * N + offs_n) if HAS_ZERO else sb
+    sa, sb, noa, nob = _pair_scales(s_ptr, o_ptr, ka, offs_n, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
     s2 = _half2(sa, sb)
     o2 = _half2(noa, nob)
     if N_AXIS == 1:
@@ -429,11 +430,11 @@ def _dq_pair(w, p: tl.constexpr, ka, s_ptr, o_ptr, offs_n, N, group_size, N_AXIS
         o2 = o2[:, None]
     args = [w >> (4 * p), s2 + zero, o2 + zero]
     if HAS_ZERO:
-        wa, wb = tl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16), is_pure=True,
-                                           pack=1)
+        wa, wb = tl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=1)
     else:
-        wa, wb = tl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16), is_pure=True,
-                                           pack=1)
+        wa, wb = tl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=1)
     return wa, wb
 
 
@@ -544,7 +545,8 @@ def _x_cols(x_cols, k0, offs_j, K, EVEN_K: tl.constexpr):
 def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                      DOT_F32: tl.constexpr = False, H2: tl.constexpr = False, PAIR_GROUP: tl.constexpr = False):
+                      DOT_F32: tl.constexpr = False, H2: tl.constexpr = False,
+                      PAIR_GROUP: tl.constexpr = False):
     # Y^T = W X^T: the dequantized weight slice [BLOCK_N, SUB] is the *left* operand. On Hopper the
     # left wgmma operand may come from registers (the right one must sit in shared memory), so the
     # freshly dequantized weight goes straight into the tensor core and only x is staged; weight
@@ -642,7 +644,8 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
             return dict(kernel="gemv_wide", block_n=8 if k < 1024 else 4, tiles=4, split=1, num_warps=4,
                         num_stages=1)
         if dtype == torch.float16:
-            return dict(kernel="gemv_h2", block_n=64, split=4 if n <= 128 * 64 else 1, num_warps=8, num_stages=1)
+            return dict(kernel="gemv_h2", block_n=64, split=4 if n <= 128 * 64 else 1, num_warps=8,
+                        num_stages=1)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)
@@ -708,8 +711,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-            *args, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, UNROLL=cfg.get("unroll", 1), ASM=not _INTERPRET,
-            **meta)
+            *args, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, UNROLL=cfg.get("unroll", 1),
+            ASM=not _INTERPRET, **meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:
