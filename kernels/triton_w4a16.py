@@ -227,30 +227,25 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
 
 
-# One half2 pair of codes (``$1``: the word shifted so they sit in bits 0-3 and 16-19) times its
-# two activations (``$2``), added to the half2 sum ``$5``: one LOP3 (0x6400 | q is the fp16
-# 1024 + q), one subtraction and one multiply (or FMA) give the contract's weight q * s - o rounded
-# once to fp16, one FMA adds its product. ``$3`` = the two codes' scales, ``$4`` their -o.
-_H2_SYM = tl.constexpr("""
-{
-.reg .b32 t, m;
-mov.b32 m, 0x64086408;
-lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea;
-sub.f16x2 t, t, m;
-mul.f16x2 t, t, $3;
-fma.rn.f16x2 $0, t, $2, $5;
-}
-""")  # symmetric: (1024 + q) - 1032 = q - 8 exactly, then * s: one rounding, like q * s - 8 s
-_H2_ASYM = tl.constexpr("""
-{
-.reg .b32 t, m;
-mov.b32 m, 0x64006400;
-lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea;
-sub.f16x2 t, t, m;
-fma.rn.f16x2 t, t, $3, $4;
-fma.rn.f16x2 $0, t, $2, $5;
-}
-""")  # zero points: (1024 + q) - 1024 = q exactly, then fma(q, s, -o): one rounding of q * s - o
+def _dequant_ptx(sym: bool, word: str, scale: str, neg_offset: str) -> str:
+    """PTX: one half2 pair of codes (``word`` shifted so they sit in bits 0-3 and 16-19) into ``t``
+    as the contract's weights ``q * s - o`` rounded once to fp16, from the two codes' scales and -o.
+
+    One LOP3 makes the fp16 1024 + q (0x6400 | q). Symmetric: (1024 + q) - 1032 = q - 8 exactly,
+    then * s, one rounding like q * s - 8 s. Zero points: (1024 + q) - 1024 = q exactly, then
+    fma(q, s, -o), one rounding of q * s - o.
+    """
+    bias, scaled = ("0x64086408", f"mul.f16x2 t, t, {scale};") if sym else (
+        "0x64006400", f"fma.rn.f16x2 t, t, {scale}, {neg_offset};")
+    return (f".reg .b32 t, m;\nmov.b32 m, {bias};\nlop3.b32 t, {word}, 0x000f000f, 0x64006400, 0xea;\n"
+            f"sub.f16x2 t, t, m;\n{scaled}\n")
+
+
+# One pair times its two activations ($2), added to the half2 sum $5 (the GEMV): $1 the shifted
+# word, $3 the scales, $4 the -o.
+_H2_SYM = tl.constexpr("{\n" + _dequant_ptx(True, "$1", "$3", "$4") + "fma.rn.f16x2 $0, t, $2, $5;\n}\n")
+_H2_ASYM = tl.constexpr("{\n" + _dequant_ptx(False, "$1", "$3", "$4") + "fma.rn.f16x2 $0, t, $2, $5;\n}\n")
+# A word's half2 sum into one fp32.
 _H2_SUM = tl.constexpr("""
 {
 .reg .b16 lo, hi;
@@ -261,30 +256,9 @@ cvt.f32.f16 fhi, hi;
 add.f32 $0, flo, fhi;
 }
 """)
-
-
-# The weights of one half2 pair as two fp16 values (for tl.dot): the _H2 dequantization without
-# the product. ``$2``: the shifted word, ``$3`` the two codes' scales, ``$4`` their -o.
-_DQ_SYM = tl.constexpr("""
-{
-.reg .b32 t, m;
-mov.b32 m, 0x64086408;
-lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;
-sub.f16x2 t, t, m;
-mul.f16x2 t, t, $3;
-mov.b32 {$0, $1}, t;
-}
-""")
-_DQ_ASYM = tl.constexpr("""
-{
-.reg .b32 t, m;
-mov.b32 m, 0x64006400;
-lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;
-sub.f16x2 t, t, m;
-fma.rn.f16x2 t, t, $3, $4;
-mov.b32 {$0, $1}, t;
-}
-""")
+# The pair's weights as two fp16 values $0, $1 (for tl.dot): $2 the shifted word, $3 scales, $4 -o.
+_DQ_SYM = tl.constexpr("{\n" + _dequant_ptx(True, "$2", "$3", "$4") + "mov.b32 {$0, $1}, t;\n}\n")
+_DQ_ASYM = tl.constexpr("{\n" + _dequant_ptx(False, "$2", "$3", "$4") + "mov.b32 {$0, $1}, t;\n}\n")
 
 
 @triton.jit
