@@ -638,9 +638,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
                  h2: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
-    ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per
-    step), ``gemm`` / ``gemm_swap`` (tensor cores, x or the weight as the left operand), or
-    ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
+    ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_h2`` (M = 1, fp16, half2 arithmetic;
+    ``unroll`` 1 or 2 tiles per step), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per step), ``gemm`` /
+    ``gemm_swap`` (tensor cores, x or the weight as the left operand; ``h2=False`` keeps their fp32
+    dequantization for fp16 x), or ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
@@ -681,20 +682,19 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     meta = dict(HAS_ZERO=w.offsets is not None, EVEN_K=k % w.block_k == 0, BLOCK_N=cfg["block_n"],
                 SUB=w.block_k // 8, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
+    pair_group = w.group_size % (w.block_k // 4) == 0  # slices 2p and 2p + 1 always share a group
     if kind == "gemv":
         _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-            *args, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0, UNROLL=cfg.get("unroll", 1),
-            ASM=not _INTERPRET, **meta)
+            *args, PAIR_GROUP=pair_group, UNROLL=cfg.get("unroll", 1), ASM=not _INTERPRET, **meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
-        h2 = dict(H2=x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True),
-                  PAIR_GROUP=w.group_size % (w.block_k // 4) == 0)
+        use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)
         kern = _gemm_kernel if kind == "gemm" else _gemm_swap_kernel
-        kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, **h2, **meta)
+        kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=use_h2, PAIR_GROUP=pair_group, **meta)
     return y.reshape(*lead, n)
 
 
