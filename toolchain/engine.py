@@ -89,6 +89,9 @@ class EngineConfig:
     # Gemma-3-270M W4 g128 0.324 -> 0.236 / 0.459 -> 0.373 (BENCHMARKS.md). llm-compressor's default too.
     act_order: bool = True
     block_size: int = 128  # GPTQ lazy-batch width
+    # GPTQ group grids: 0 = min-max; n > 0 = the best of n clip factors in [0.75, 1] per group,
+    # errors weighted by diag(H) (grid.search_grid)
+    grid_steps: int = 0
     beta: float = 0.0  # KLAWQ: H + beta * A
     tau: float = 1.0  # KLAWQ: softmax temperature (kl_source=layer)
     kl_source: str = "layer"  # layer | model
@@ -383,7 +386,7 @@ def _quantize_linear(w: torch.Tensor, st: InputStats | None, a: torch.Tensor | N
             a = a / max(st.n, 1)
         htot = klawq_hessian(h, a, cfg.beta if cfg.method.endswith("klawq") else 0.0)
         qw, deq, ginfo = gptq_quantize(w, htot, spec, damp=cfg.damp, act_order=cfg.act_order,
-                                       block_size=cfg.block_size, shrink=cfg.shrink)
+                                       block_size=cfg.block_size, shrink=cfg.shrink, grid_steps=cfg.grid_steps)
         info.update(damp=ginfo.damp, dead=ginfo.dead, fallback=ginfo.fallback)
     else:
         scale, zero = fit_grid(w, spec)

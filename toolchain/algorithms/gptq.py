@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from klaq.formats.qweight import QuantizedWeight
-from klaq.toolchain.algorithms.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes, to_qweight
+from klaq.toolchain.algorithms.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes, search_grid, to_qweight
 
 
 @dataclass
@@ -96,13 +96,14 @@ def _columns_torch(w1, u1, scale, zero, col_g, codes1, err1, a, b, spec):
 
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01, act_order: bool = False,
-    block_size: int = 128, kernel: str | None = None, shrink: float = 0.0,
+    block_size: int = 128, kernel: str | None = None, shrink: float = 0.0, grid_steps: int = 0,
 ) -> tuple[QuantizedWeight, torch.Tensor, GPTQInfo]:
     """Quantize ``weight`` [N, K] given ``hessian`` [K, K]; returns (qweight, dequantized W, info).
 
     Runs on the device of ``weight`` in fp32; the inputs are not modified. ``kernel`` picks the
     column loop: ``"torch"`` (one column at a time), ``"triton"`` (:mod:`.gptq_kernel`, a run of
-    columns per launch), or None: Triton on CUDA when it is installed.
+    columns per launch), or None: Triton on CUDA when it is installed. ``grid_steps`` > 0 fits each
+    group's grid with :func:`search_grid` (clip factors weighted by ``diag H``) instead of min-max.
     """
     w = weight.detach().float().clone()
     n, k = w.shape
@@ -114,6 +115,7 @@ def gptq_quantize(
     if n_dead:
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
+    energy = h.diagonal().clone()  # each input's energy: the grid search's column weights
     if shrink:
         h.diagonal().mul_(1.0 + shrink)
     scale = torch.zeros(n, n_groups, device=w.device)
@@ -121,7 +123,7 @@ def gptq_quantize(
     col_group = torch.arange(k, device=w.device) // gs
     perm = None
     if act_order:  # static groups: every grid fitted before any column moves or changes
-        scale, zero = fit_grid(w, spec)
+        scale, zero = search_grid(w, spec, energy, grid_steps)
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h, col_group = w[:, perm], h[perm][:, perm], col_group[perm]
     u, used = hinv_upper(h, damp)
@@ -151,7 +153,7 @@ def gptq_quantize(
             if perm is None and a % gs == 0:
                 g, g_end = col_g[a], min(a + gs, k)
                 cols = w1[:, a - i1 : g_end - i1] if g_end <= i2 else torch.cat([w1[:, a - i1 :], w[:, i2:g_end]], 1)
-                s, z = fit_grid(cols, spec)
+                s, z = search_grid(cols, spec, energy[a:g_end], grid_steps)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             if triton_loop:
                 from klaq.toolchain.algorithms.gptq_kernel import gptq_columns
