@@ -95,11 +95,15 @@ def _target_names():
 @click.option("--context", type=int, default=2048, show_default=True, help="Context length for the target fit check.")
 @click.option("--reference-windows", type=click.IntRange(0), default=8, show_default=True,
               help="Record the FP16 perplexity on this many held-out pydoc windows (0 = skip).")
+@click.option("--lazy/--no-lazy", default=True, show_default=True,
+              help="Read the decoder blocks from the model's safetensors one at a time, so host RAM holds "
+                   "about one block, not the model (where the weights are safetensors); --no-lazy loads "
+                   "the whole model first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
 def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, shrink, act_order,
                propagate, micro_batch, activations, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
-               device, context, reference_windows, as_json):
+               device, context, reference_windows, lazy, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
     from klaq.toolchain.export import ExportConfig, export_model
 
@@ -108,13 +112,13 @@ def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, sa
                        context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level),
                        reference_windows=reference_windows, beta=beta, tau=tau, kl_source=kl_source,
                        rounding=rounding, salience=salience, damp=damp, shrink=shrink, act_order=act_order, propagate=propagate,
-                       micro_batch=micro_batch, activations=activations)
+                       micro_batch=micro_batch, activations=activations, lazy=lazy)
     res = export_model(cfg, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"path": res.path, "bytes": res.bytes, "quantized_linears": res.n_quantized,
                                "bits_per_weight": res.bits_per_weight, "seconds": res.seconds,
                                "quant_seconds": res.quant_seconds, "peak_rss_mb": res.peak_rss_mb,
-                               "peak_gpu_mb": res.peak_gpu_mb, **res.meta}))
+                               "peak_gpu_mb": res.peak_gpu_mb, "lazy": res.lazy, **res.meta}))
     else:
         click.echo(f"wrote {res.path}: {res.bytes / 2**20:.1f} MiB, {res.n_quantized} linears at "
                    f"{res.bits_per_weight:.3f} bits/weight ({res.meta['method']}, target {res.meta['target']}) "

@@ -29,7 +29,11 @@ Peak memory is one block in fp32 + its Hessians on the device, plus the activati
 On the host, a processed block goes back in the model's own dtype (its quantized linear weights;
 norms and biases, which AWQ may have rescaled, stay fp32 and are small), or without its quantized
 weights at all (``keep_weights=False``): the host holds the input model once, not an fp32 copy
-next to it (38 GB for an 8B fp16 model before; bench/engine_scale.py).
+next to it (38 GB for an 8B fp16 model before; bench/engine_scale.py). A lazily loaded model
+(:mod:`klaq.toolchain.lazy`, what klaq-export uses where the weights are safetensors) keeps its
+blocks on disk: block ``i`` is read right before it moves to the device, so with
+``keep_weights=False`` the host holds one block, the kept norms and biases, the codes and the
+activations, and never the input model.
 Deterministic under ``cfg.seed`` (CPU; on CUDA up to the usual atomics in some kernels).
 
 AWQ hook contract (``toolchain/algorithms/awq.py``)::
@@ -69,6 +73,7 @@ from klaq.toolchain.algorithms.klawq import (
     model_fisher_weights,
 )
 from klaq.toolchain.archs import QuantArch, get_quant_arch
+from klaq.toolchain.lazy import lazy_weights
 
 CALIBRATED_METHODS = ("awq", "gptq", "klawq", "awq+gptq", "awq+klawq")
 ENGINE_METHODS = ("rtn",) + CALIBRATED_METHODS
@@ -415,6 +420,12 @@ def _offload(block, dtypes: dict, quantized: set, keep: bool) -> None:
     block.to("cpu")
 
 
+def needs_full_model(cfg: EngineConfig) -> bool:
+    """KLAWQ with model-level Fisher weights runs the whole model forward and backward before the
+    block loop, so it cannot work block by block from disk."""
+    return cfg.method.endswith("klawq") and cfg.beta != 0 and cfg.kl_source == "model"
+
+
 def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> EngineResult:
     """Quantize every decoder linear of ``model`` with ``cfg.method`` on ``calib_ids`` [n, T].
 
@@ -445,8 +456,12 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     layers = model.get_submodule(arch.layers)
+    lazy = lazy_weights(model)
     fisher = None
-    if cfg.method.endswith("klawq") and cfg.beta != 0 and cfg.kl_source == "model":
+    if needs_full_model(cfg):
+        if lazy is not None:
+            raise KlaqError("--kl-source model runs the whole model forward and backward; it needs the model "
+                            "fully loaded, not lazily (klaq-export --no-lazy)")
         names = {i: [n for st in arch.stages for n in st] for i in range(len(layers))}
         fisher = model_fisher_weights(model, layers, names, calib_ids, cfg.micro_batch, cfg.seed, arch.conv1d,
                                       progress=cfg.progress)
@@ -462,6 +477,9 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     bar = tqdm(range(len(layers)), desc=f"{cfg.method} W{cfg.spec.bits}", unit="block", disable=not cfg.progress)
     for bi in bar:
         block = layers[bi]
+        if lazy is not None:  # its weights come from disk only now
+            bar.set_postfix_str("load")
+            lazy.load_module(block, f"{arch.layers}.{bi}.")
         dtypes = {n: p.dtype for n, p in block.named_parameters()}
         block.to(device=dev, dtype=torch.float32)
         kws = [_to(kw, dev) for kw in kwargs[bi]]

@@ -1,4 +1,10 @@
-"""klaq-export: load a model, quantize its decoder linears, write a package, check it fits."""
+"""klaq-export: load a model, quantize its decoder linears, write a package, check it fits.
+
+The model is loaded lazily where it can be (:mod:`klaq.toolchain.lazy`: safetensors on disk, the
+decoder blocks read one at a time by the engine, the reference perplexity and the package
+builder), so the host never holds the whole input model; ``ExportConfig.lazy=False`` (``--no-lazy``)
+loads it whole first.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from klaq.targets.fit import check_fit, kv_cache_bytes
 from klaq.targets.profiles import get_target
 from klaq.toolchain.algorithms.grid import QuantSpec
 from klaq.toolchain.data import calibration_windows, token_split
-from klaq.toolchain.engine import EngineConfig, peak_rss_mb
+from klaq.toolchain.engine import EngineConfig, needs_full_model, peak_rss_mb
+from klaq.toolchain.lazy import lazy_weights, materialized, streamed
 from klaq.toolchain.models import LoadedModel, load_model
 from klaq.toolchain.quantize import METHODS, check_spec, needs_calibration, quantize_model_ex
 
@@ -58,6 +65,9 @@ class ExportConfig:
     micro_batch: int = 8
     activations: str = "auto"  # calibration activations: auto | cpu | disk
     threads: int | None = None
+    # Read the decoder blocks from the model's safetensors one at a time (toolchain/lazy.py) where
+    # that applies; False loads the whole model first (the only way for klawq --kl-source model).
+    lazy: bool = True
 
 
 @dataclass
@@ -71,6 +81,7 @@ class ExportResult:
     quant_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float | None = None
+    lazy: bool = False  # whether the blocks were read from disk one at a time
 
 
 def hparams_from_config(cfg, model_type: str) -> HParams:
@@ -108,8 +119,8 @@ def build_package(lm: LoadedModel, quantized: dict, meta: dict) -> Package:
         if "rotary_emb" in name:
             continue
         tensors[name] = quantized.get(name)
-        if tensors[name] is None:
-            tensors[name] = p.detach().float().cpu().numpy()
+        if tensors[name] is None:  # a lazy model's unquantized block tensors come from disk here
+            tensors[name] = materialized(model, name, p).detach().float().cpu().numpy()
     return Package(model_type, hparams_from_config(cfg, model_type), tensors, _tokenizer_facts(lm), meta,
                    name=str(getattr(cfg, "_name_or_path", "") or lm.name))
 
@@ -133,7 +144,12 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise KlaqError(f"--device {cfg.device} requested but no CUDA device is available")
     t0 = time.perf_counter()
-    lm = load_model(cfg.model)
+    engine = EngineConfig(method=cfg.method, damp=cfg.damp, shrink=cfg.shrink, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
+                          rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
+                          true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
+                          seed=cfg.seed, threads=cfg.threads, keep_weights=False,
+                          activations=cfg.activations)
+    lm = load_model(cfg.model, lazy=cfg.lazy and not needs_full_model(engine))
     get_package_arch(lm.model.config.model_type)
     ref_ppl = None
     if cfg.reference_windows > 0:  # before quantization: AWQ folds scales into the model in place
@@ -141,17 +157,13 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
         from klaq.toolchain.verify import reference_perplexity
 
         tok = PackageTokenizer(_tokenizer_facts(lm))
-        ref_ppl = reference_perplexity(lm.model, tok.encode, "pydoc", 512, cfg.reference_windows)
+        with streamed(lm.model):  # a lazy model: one block at a time, read from disk per window
+            ref_ppl = reference_perplexity(lm.model, tok.encode, "pydoc", 512, cfg.reference_windows)
     calibrated = cfg.method != "fp16" and needs_calibration(cfg.method, cfg.rounding)
     calib_ids, calib_hash = None, "none"
     if calibrated:
         calib_ids = calibration_ids(lm, cfg)
         calib_hash = hashlib.sha256(np.ascontiguousarray(calib_ids).tobytes()).hexdigest()[:16]
-    engine = EngineConfig(damp=cfg.damp, shrink=cfg.shrink, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
-                          rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
-                          true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
-                          seed=cfg.seed, threads=cfg.threads, keep_weights=False,
-                          activations=cfg.activations)
     tq = time.perf_counter()
     quantized, eres = quantize_model_ex(lm.model, cfg.method, spec, progress=progress, calib_ids=calib_ids,
                                         engine=engine)
@@ -179,7 +191,8 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     bpw = (sum(q.nbytes_packed() for q in quantized.values()) * 8 / sum(q.codes.size for q in quantized.values())
            if quantized else 16.0)
     return ExportResult(cfg.output, size, n_q, time.perf_counter() - t0, bpw, meta, quant_seconds=quant_seconds,
-                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=eres.peak_gpu_mb if eres is not None else None)
+                        peak_rss_mb=peak_rss_mb(), peak_gpu_mb=eres.peak_gpu_mb if eres is not None else None,
+                        lazy=lazy_weights(lm.model) is not None)
 
 
 def calibration_ids(lm: LoadedModel, cfg: ExportConfig) -> np.ndarray:

@@ -174,10 +174,19 @@ def hf_dir(source: str) -> str:
     return str(_dequantized_gguf(path)) if kind in ("alias", "gguf") else path
 
 
-def load_model(source: str, dtype: str = "float16") -> LoadedModel:
-    """The FP reference model + tokenizer for any supported source."""
+def load_model(source: str, dtype: str = "float16", lazy: bool = False) -> LoadedModel:
+    """The FP reference model + tokenizer for any supported source.
+
+    ``lazy``: where the weights are safetensors in a local directory (an HF directory, or the
+    cached fp16 directory of an alias / GGUF) and the architecture is in the engine's table, the
+    decoder blocks stay on disk until used (:mod:`klaq.toolchain.lazy`): host RAM holds the
+    embeddings and head, not the model. Elsewhere the whole model is loaded, as without it;
+    ``lazy_weights(lm.model)`` says which happened.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from klaq.toolchain.lazy import lazy_applies, load_lazy
 
     _quiet_transformers()
     kind, path = resolve_source(source)
@@ -186,7 +195,10 @@ def load_model(source: str, dtype: str = "float16") -> LoadedModel:
         gguf_path, tok_fields = path, _gguf_tokenizer_fields(path)
         path = str(_dequantized_gguf(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        if lazy and kind != "hf-hub" and lazy_applies(path):
+            model = load_lazy(path, getattr(torch, dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise KlaqError(f"cannot load model {source!r}: {exc}") from None

@@ -2,7 +2,8 @@
 
 ``rtn`` needs no data and runs linear by linear; every calibrated method (``awq``, ``gptq``,
 ``klawq``, ``awq+gptq``, ``awq+klawq``, and ``rtn`` with ``--rounding greedy``) goes through the
-sequential engine (:mod:`klaq.toolchain.engine`) on calibration windows.
+sequential engine (:mod:`klaq.toolchain.engine`) on calibration windows. Both work on a lazily
+loaded model (:mod:`klaq.toolchain.lazy`), reading the weights from disk as they go.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from klaq.toolchain.algorithms.grid import QuantSpec
 from klaq.toolchain.algorithms.rtn import rtn
 from klaq.toolchain.archs import QUANT_ARCHS
 from klaq.toolchain.engine import CALIBRATED_METHODS, EngineConfig, EngineResult, quantize_blocks
+from klaq.toolchain.lazy import materialized
 
 METHODS = ("rtn", "fp16") + CALIBRATED_METHODS
 GROUP_SIZES = (32, 64, 128, 256, -1)  # -1 = per-channel
@@ -81,6 +83,6 @@ def quantize_model_ex(model, method: str, spec: QuantSpec, progress: bool = True
     out = {}
     with torch.no_grad():
         for name, lin in tqdm(linears, desc=f"{method} W{spec.bits}", disable=not progress, unit="linear"):
-            w = lin.weight.detach()
+            w = materialized(model, f"{name}.weight", lin.weight).detach()  # lazy: read now, one at a time
             out[f"{name}.weight"] = rtn(w.T if conv1d else w, spec)
     return out, None
