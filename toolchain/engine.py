@@ -57,6 +57,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -73,6 +74,7 @@ from klaq.toolchain.algorithms.klawq import (
     model_fisher_weights,
 )
 from klaq.toolchain.archs import QuantArch, get_quant_arch
+from klaq.toolchain.data import shuffled_windows
 from klaq.toolchain.lazy import lazy_weights
 
 CALIBRATED_METHODS = ("awq", "gptq", "klawq", "awq+gptq", "awq+klawq")
@@ -97,6 +99,9 @@ class EngineConfig:
     # GPTQ group grids: 0 = min-max; n > 0 = the best of n clip factors in [0.75, 1] per group,
     # errors weighted by diag(H) (grid.search_grid)
     grid_steps: int = 0
+    # Calibration augmentation: this fraction of extra windows, each a token permutation of a
+    # calibration window (data.shuffled_windows); 0 = the calibration windows only
+    augment: float = 0.0
     beta: float = 0.0  # KLAWQ: H + beta * A
     tau: float = 1.0  # KLAWQ: softmax temperature (kl_source=layer)
     kl_source: str = "layer"  # layer | model
@@ -440,9 +445,11 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         raise KlaqError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {cfg.rounding!r}")
     if cfg.kl_source not in KL_SOURCES:
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
-    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0:
-        raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0 and --hessian-shrink >= 0")
+    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0 or cfg.augment < 0:
+        raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0 and augment >= 0")
     arch = get_quant_arch(model.config.model_type)
+    if cfg.augment:
+        calib_ids = shuffled_windows(np.asarray(calib_ids), cfg.augment, cfg.seed)
     calib_ids = torch.as_tensor(calib_ids, dtype=torch.long)
     where = choose_where(cfg.activations, calib_ids.numel(), model.config.get_text_config().hidden_size)
     awq_block = _awq_fn() if cfg.method.startswith("awq") else None

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from klaq.errors import KlaqError
-from klaq.toolchain.data import CALIB_FRACTION, calibration_windows, eval_windows, read_text, token_split
+from klaq.toolchain.data import (
+    CALIB_FRACTION,
+    calibration_windows,
+    eval_windows,
+    read_text,
+    shuffled_windows,
+    token_split,
+)
 
 
 def encode(text):  # a stand-in tokenizer: one id per byte
@@ -60,3 +67,18 @@ def test_hf_dataset_names_fail_clearly_offline():
     for name in ("wikitext2", "c4", "pileval"):
         with pytest.raises(KlaqError, match=name):
             token_split(name, encode, "eval")
+
+
+def test_shuffled_windows():
+    """The originals first, untouched; each extra window a permutation of one of them; seeded."""
+    w = np.arange(40 * 16).reshape(40, 16)
+    out = shuffled_windows(w, 0.25, seed=3)
+    assert out.shape == (50, 16)
+    np.testing.assert_array_equal(out[:40], w)
+    for row in out[40:]:
+        src = row.min() // 16  # windows hold disjoint token ranges here
+        np.testing.assert_array_equal(np.sort(row), w[src])
+        assert not np.array_equal(row, w[src])
+    np.testing.assert_array_equal(out, shuffled_windows(w, 0.25, seed=3))
+    assert not np.array_equal(out, shuffled_windows(w, 0.25, seed=4))
+    assert shuffled_windows(w, 0.0, seed=3) is w

@@ -94,6 +94,20 @@ def test_processed_blocks_return_in_the_model_dtype(method):
         assert not torch.equal(norm, norm.half().float())
 
 
+def test_augment_calibrates_on_the_shuffled_windows_too():
+    """augment = f is exactly calibrating on data.shuffled_windows(ids, f, seed)."""
+    from klaq.toolchain.data import shuffled_windows
+
+    ids, spec = _ids(8, 16), QuantSpec(4, 32, False)
+    aug = quantize_blocks(_model("llama"), ids, EngineConfig(method="gptq", spec=spec, augment=0.5, progress=False))
+    ref = quantize_blocks(_model("llama"), shuffled_windows(ids.numpy(), 0.5, 0),
+                          EngineConfig(method="gptq", spec=spec, progress=False))
+    plain = quantize_blocks(_model("llama"), ids, EngineConfig(method="gptq", spec=spec, progress=False))
+    for k, qw in aug.quantized.items():
+        np.testing.assert_array_equal(qw.codes, ref.quantized[k].codes)
+    assert any(not np.array_equal(qw.codes, plain.quantized[k].codes) for k, qw in aug.quantized.items())
+
+
 def test_micro_batch_size_does_not_change_the_result():
     ids = _ids(8, 16)
     a = quantize_blocks(_model("qwen2"), ids, EngineConfig(method="gptq", micro_batch=8, progress=False))
