@@ -142,7 +142,8 @@ def scores_stored(ref_dir: Path, set_name: str, model, windows: np.ndarray, batc
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``klawq:0.1:1[:model]``, ``gptq:damp=0.05``, ``rtn+greedy`` -> (method, EngineConfig overrides)."""
+    """``klawq:0.1:1[:model]``, ``gptq:damp=0.05``, ``awq:awq_clip=0``, ``rtn+greedy`` -> (method,
+    EngineConfig overrides; ``awq_*`` keys are AwqConfig fields)."""
     from klaq.toolchain.engine import EngineConfig
 
     opts: dict = {}
@@ -153,10 +154,12 @@ def parse_method(spec: str) -> tuple[str, dict]:
     if name.endswith("klawq"):
         for key, val in zip(("beta", "tau", "kl_source"), positional, strict=False):
             opts[key] = val if key == "kl_source" else float(val)
-    defaults = EngineConfig()
+    from klaq.toolchain.algorithms.awq import AwqConfig
+
+    defaults, awq_defaults = EngineConfig(), AwqConfig()
     for kv in (p for p in parts if "=" in p):
-        k, v = kv.split("=", 1)
-        cur = getattr(defaults, k)
+        k, v = kv.split("=", 1)  # awq_NAME: AwqConfig's NAME (the engine passes awq_* attributes on)
+        cur = getattr(awq_defaults, k.removeprefix("awq_")) if k.startswith("awq_") else getattr(defaults, k)
         opts[k] = (v.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else type(cur)(v)
     return name, opts
 
@@ -190,7 +193,10 @@ def run_one(args) -> dict:
     elif name != "fp16":
         calib = calibration_ids(lm, ExportConfig(model=args.model, output="", n_calib=args.n_calib,
                                                  seqlen=args.seqlen, seed=args.seed))
+        awq_opts = {k: opts.pop(k) for k in list(opts) if k.startswith("awq_")}
         engine = EngineConfig(device=args.device, seed=args.seed, threads=args.threads, **opts)
+        for k, v in awq_opts.items():
+            setattr(engine, k, v)  # read by awq.resolve_config
         t0 = time.perf_counter()
         q, _ = quantize_model_ex(lm.model, name, QuantSpec(bits, group, sym), progress=args.progress,
                                  calib_ids=calib, engine=engine)
