@@ -85,8 +85,9 @@ def test_lazy_model_is_the_full_model(model_dir):
         assert torch.equal(got, full.float()(ids).logits)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("model_dir", MODEL_TYPES + ["llama-sharded"], indirect=True)
+@pytest.mark.parametrize(("model_dir", "method"),
+                         [(m, method) for m in MODEL_TYPES for method in METHODS] + [("llama-sharded", "awq+gptq")],
+                         indirect=["model_dir"])
 def test_lazy_quantization_is_bit_identical(model_dir, method):
     """Same QuantizedWeights, and the same model left behind (AWQ-folded fp32 norms and biases),
     as from the fully loaded model."""
