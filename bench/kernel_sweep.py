@@ -34,8 +34,10 @@ def configs(m: int):
                 yield dict(kernel="gemv_wide", block_n=bn, tiles=tiles, split=split, num_warps=warps, num_stages=1)
         for bn, split in itertools.product([16, 32, 64], [1, 2, 4]):
             yield dict(kernel="gemv", block_m=1, block_n=bn, split=split, num_warps=4, num_stages=1)
-        for bn, split, warps, unroll in itertools.product([16, 32, 64], [1, 2, 4, 8], [4, 8], [1, 2]):
-            yield dict(kernel="gemv_h2", block_n=bn, split=split, num_warps=warps, num_stages=1, unroll=unroll)
+        for bn, tiles, warps, split in itertools.product([4, 8, 16, 32], [1, 2, 4, 8, 16], [2, 4, 8], [1, 2, 4]):
+            # 16-128 words of K per row block, >= 4 words per thread, split-K only with short steps
+            if 16 <= bn * tiles <= 128 and bn * tiles * 2 >= warps * 4 and not (split > 1 and tiles > 4):
+                yield dict(kernel="gemv_h2", block_n=bn, tiles=tiles, split=split, num_warps=warps, num_stages=1)
         return
     if m <= 16:
         for bn, split, stages in itertools.product([32, 64], [2, 4, 8], [2, 3, 4]):

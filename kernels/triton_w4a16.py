@@ -23,8 +23,10 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 
 * ``gemv`` (M <= 8): each program takes ``BLOCK_N`` rows and a contiguous share of the K tiles;
   products accumulate elementwise and reduce once at the end. Large layers at M = 1, bf16.
-* ``gemv_h2`` (M = 1, fp16): the same walk, with each word dequantized and multiplied in half2 by
-  inline PTX (``_H2_SYM`` / ``_H2_ASYM``). Large layers at M = 1, fp16.
+* ``gemv_h2`` (M = 1, fp16): ``TILES`` K-tiles of ``BLOCK_N`` rows per step, dequantized and
+  multiplied in half2 by inline PTX; symmetric weights sum 4 words' products before the shared
+  scale (``_H2C_EVEN`` / ``_H2C_ODD``), zero points build each weight (``_H2_ASYM``). Large layers
+  at M = 1, fp16.
 * ``gemv_wide`` (M = 1): the same, loading ``TILES`` K-tiles per step and no split-K: few
   programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's atomics
   are pure latency.
@@ -37,7 +39,7 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
 
-Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.1-2.5x cuBLAS fp16 on
+Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.4-2.9x cuBLAS fp16 on
 Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
 0.8-1.2x; M = 256 0.5-0.6x.
 """
@@ -241,9 +243,8 @@ def _dequant_ptx(sym: bool, word: str, scale: str, neg_offset: str) -> str:
             f"sub.f16x2 t, t, m;\n{scaled}\n")
 
 
-# One pair times its two activations ($2), added to the half2 sum $5 (the GEMV): $1 the shifted
-# word, $3 the scales, $4 the -o.
-_H2_SYM = tl.constexpr("{\n" + _dequant_ptx(True, "$1", "$3", "$4") + "fma.rn.f16x2 $0, t, $2, $5;\n}\n")
+# One pair times its two activations ($2), added to the half2 sum $5 (the GEMV with zero points):
+# $1 the shifted word, $3 the scales, $4 the -o.
 _H2_ASYM = tl.constexpr("{\n" + _dequant_ptx(False, "$1", "$3", "$4") + "fma.rn.f16x2 $0, t, $2, $5;\n}\n")
 # A word's half2 sum into one fp32.
 _H2_SUM = tl.constexpr("""
@@ -256,6 +257,49 @@ cvt.f32.f16 fhi, hi;
 add.f32 $0, flo, fhi;
 }
 """)
+def _colsum_ptx(odd: bool) -> str:
+    """PTX: pair p of 4 words ($1-$4) of one row, symmetric weights, times their x pairs ($5-$8),
+    summed in half2, scaled once by the pair's scales ($9) and added to the half2 sum $10.
+
+    Each pair becomes (q - 8) / 4 exactly with one LOP3 and one FMA: even p take the nibbles at bits
+    0-3 / 16-19 (fp16 1024 + q; * 1/4 - 258), odd p those at bits 4-7 / 20-23 (1024 + 16 q;
+    * 1/64 - 18), so a word needs one shift (by 8, for p = 2, 3) instead of three. The 4 words'
+    products meet before the scale multiply, which 4 words share. x comes halved: with the / 4
+    the half2 sums stay within 4 |x|, far from fp16's limit; the kernel's fp32 result is * 8.
+    (The halving also keeps each x pair a computed value, which ptxas keeps in a register; a bare
+    pack of two loaded halves it re-packs for every row.)
+    """
+    mask, mul, add = ("0x00f000f0", "0x24002400", "0xcc80cc80") if odd else ("0x000f000f", "0x34003400",
+                                                                             "0xdc08dc08")
+    lines = [".reg .b32 t0, t1, t2, t3, a, k, m, c;", "mov.b32 k, 0x64006400;", f"mov.b32 m, {mul};",
+             f"mov.b32 c, {add};"]
+    for i in range(4):
+        lines += [f"lop3.b32 t{i}, ${i + 1}, {mask}, k, 0xea;", f"fma.rn.f16x2 t{i}, t{i}, m, c;"]
+    lines += ["mul.f16x2 a, t0, $5;", "fma.rn.f16x2 a, t1, $6, a;", "fma.rn.f16x2 a, t2, $7, a;",
+              "fma.rn.f16x2 a, t3, $8, a;", "fma.rn.f16x2 $0, a, $9, $10;"]
+    return "{\n" + "\n".join(lines) + "\n}\n"
+
+
+_H2C_EVEN = tl.constexpr(_colsum_ptx(False))
+_H2C_ODD = tl.constexpr(_colsum_ptx(True))
+
+
+@triton.jit
+def _quarters(v):
+    """``v [..., SUB]`` as four ``[..., SUB // 4]`` tensors: columns 4m, 4m + 2, 4m + 1, 4m + 3.
+
+    Reshape and split, so which elements meet in :data:`_H2C_SYM` is fixed by the program, not by
+    the register layout the compiler picks (an ``inline_asm_elementwise`` with ``pack=4`` would
+    group whatever 4 values a thread happens to hold).
+    """
+    shape: tl.constexpr = v.shape
+    v5 = tl.reshape(v, [shape[0], shape[1], shape[2] // 4, 2, 2])
+    even, odd = tl.split(v5)
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c2, c1, c3
+
+
 # The pair's weights as two fp16 values $0, $1 (for tl.dot): $2 the shifted word, $3 scales, $4 -o.
 _DQ_SYM = tl.constexpr("{\n" + _dequant_ptx(True, "$2", "$3", "$4") + "mov.b32 {$0, $1}, t;\n}\n")
 _DQ_ASYM = tl.constexpr("{\n" + _dequant_ptx(False, "$2", "$3", "$4") + "mov.b32 {$0, $1}, t;\n}\n")
@@ -291,7 +335,8 @@ def _pair_scales(s_ptr, o_ptr, ka, offs_n, N, group_size, SUB: tl.constexpr, HAS
 
 @triton.jit
 def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, HAS_ZERO: tl.constexpr):
-    """The interpreter's stand-in for _H2_SYM / _H2_ASYM: the same fp16 roundings, in tl ops."""
+    """The interpreter's stand-in for the GEMV's PTX: each weight rounded once to fp16 (as the
+    contract's ``q * s - o``), its product with x added to a half2 sum, in tl ops."""
     if HAS_ZERO:
         wa = (q_a.to(tl.float32) * sa.to(tl.float32) + noa.to(tl.float32)).to(tl.float16)  # fma: one rounding
         wb = (q_b.to(tl.float32) * sb.to(tl.float32) + nob.to(tl.float32)).to(tl.float16)
@@ -304,81 +349,78 @@ def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, HAS_ZERO
 
 
 @triton.jit
-def _h2_tile(w, tt, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a, acc_b,
-             HAS_ZERO: tl.constexpr, SUB: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr,
-             ASM: tl.constexpr):
-    """Tile ``tt``'s words ``w`` [BLOCK_N, SUB] times x, added to the half2 sums (``acc2``, or
-    ``acc_a``/``acc_b`` when emulated). A tile at or past ``t_end`` meets x = 0."""
-    zero = tl.zeros_like(w)
-    kt = tt * 8 * SUB
-    live = j * 0 + tt < t_end  # a tensor: the interpreter takes no scalar masks
-    kg = tl.minimum(tt, t_end - 1) * 8 * SUB  # a dead tile reads the last live tile's (finite) scales
-    for p in tl.static_range(4):
-        ka = kt + 2 * p * SUB + j
-        if EVEN_K:
-            xa = tl.load(x_ptr + ka, mask=live, other=0.0)[None, :]
-            xb = tl.load(x_ptr + ka + SUB, mask=live, other=0.0)[None, :]
+def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
+                    group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                    TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                    PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True):
+    # M = 1, fp16 activations. Each step takes TILES K-tiles of BLOCK_N rows ([BLOCK_N, TILES, SUB]
+    # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
+    # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
+    # Symmetric weights (COLSUM): 4 words of a row share a pair's scale, so their products are
+    # summed before it is applied (_H2C_SYM). Zero points: each word's weights q * s - o are built
+    # in half2 and multiplied by x (_H2_ASYM); a word's 8 products meet in half2, then in fp32.
+    # ASM=False (the interpreter, which runs no PTX) does the per-word fp16 arithmetic in tl ops.
+    COLSUM: tl.constexpr = ASM and not HAS_ZERO
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n3 = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]
+    t3 = tl.arange(0, TILES)[None, :, None]
+    j3 = tl.max_contiguous(tl.arange(0, SUB), SUB)[None, None, :]
+    zero = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.int32)
+    if COLSUM:
+        acc = tl.zeros((BLOCK_N, TILES, SUB // 4), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.float32)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    for t0 in range(t_start, t_end, TILES):
+        tt = t0 + t3
+        live = tt < t_end
+        w = tl.load(w_ptr + n3 * Kw + tt * SUB + j3, mask=live, other=0, eviction_policy="evict_first")
+        kg = tl.minimum(tt, t_end - 1) * (8 * SUB)  # a dead tile reads a live tile's (finite) scales
+        if COLSUM:
+            w0, w1, w2, w3 = _quarters(w)
+            v0, v1, v2, v3 = w0 >> 8, w1 >> 8, w2 >> 8, w3 >> 8  # pairs 2, 3 at pairs 0, 1's bits
+            acc2 = tl.zeros((BLOCK_N, TILES, SUB // 4), dtype=tl.int32)
         else:
-            xa = tl.load(x_ptr + ka, mask=live & (ka < K), other=0.0)[None, :]
-            xb = tl.load(x_ptr + ka + SUB, mask=live & (ka + SUB < K), other=0.0)[None, :]
-        sa, sb, noa, nob = _pair_scales(s_ptr, o_ptr, kg + 2 * p * SUB, n, N, group_size, SUB, HAS_ZERO,
-                                        PAIR_GROUP)
-        sa = sa[:, None]
-        sb = sb[:, None]
-        noa = noa[:, None]
-        nob = nob[:, None]
-        if ASM:
-            args = [w >> (4 * p), _half2(xa, xb) + zero, _half2(sa, sb) + zero, _half2(noa, nob) + zero, acc2]
-            if HAS_ZERO:
+            acc2 = zero
+            acc_a = zero.to(tl.float16)
+            acc_b = zero.to(tl.float16)
+        for p in tl.static_range(4):
+            ka = tt * (8 * SUB) + 2 * p * SUB + j3
+            if EVEN_K:
+                xa = tl.load(x_ptr + ka, mask=live, other=0.0)
+                xb = tl.load(x_ptr + ka + SUB, mask=live, other=0.0)
+            else:
+                xa = tl.load(x_ptr + ka, mask=live & (ka < K), other=0.0)
+                xb = tl.load(x_ptr + ka + SUB, mask=live & (ka + SUB < K), other=0.0)
+            sa, sb, noa, nob = _pair_scales(s_ptr, o_ptr, kg + 2 * p * SUB, n3, N, group_size, SUB, HAS_ZERO,
+                                            PAIR_GROUP)
+            if COLSUM:
+                z = tl.zeros_like(acc2)
+                x0, x1, x2, x3 = _quarters(_half2(xa * 0.5, xb * 0.5))
+                words = [w0, w1, w2, w3] if p < 2 else [v0, v1, v2, v3]
+                args = words + [x0 + z, x1 + z, x2 + z, x3 + z, _half2(sa, sb) + z, acc2]
+                if p % 2 == 0:
+                    acc2 = tl.inline_asm_elementwise(_H2C_EVEN, "=r,r,r,r,r,r,r,r,r,r,r", args, dtype=tl.int32,
+                                                     is_pure=True, pack=1)
+                else:
+                    acc2 = tl.inline_asm_elementwise(_H2C_ODD, "=r,r,r,r,r,r,r,r,r,r,r", args, dtype=tl.int32,
+                                                     is_pure=True, pack=1)
+            elif ASM:
+                args = [w >> (4 * p), _half2(xa, xb) + zero, _half2(sa, sb) + zero, _half2(noa, nob) + zero, acc2]
                 acc2 = tl.inline_asm_elementwise(_H2_ASYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
                                                  pack=1)
             else:
-                acc2 = tl.inline_asm_elementwise(_H2_SYM, "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True,
-                                                 pack=1)
-        else:
-            acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb,
-                                             noa, nob, acc_a, acc_b, HAS_ZERO)
-    return acc2, acc_a, acc_b
-
-
-@triton.jit
-def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
-                    group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PAIR_GROUP: tl.constexpr,
-                    UNROLL: tl.constexpr = 1, ASM: tl.constexpr = True):
-    # M = 1, fp16 activations. [BLOCK_N, SUB] words per step; per half2 pair (slices 2p, 2p + 1)
-    # the x pair is loaded once per tile ([1, SUB], shared by a thread's rows) and the scale once
-    # per row: the loop runs 4.2-4.6 instructions per weight (SASS for sm_90, counted per
-    # iteration) against 7.7 in _gemv_kernel's fp32 path. UNROLL tiles per step (their loads
-    # issued together) share one half2 sum per word (8 * UNROLL products), then fp32.
-    # ASM=False (the interpreter, which runs no PTX) does the same fp16 arithmetic in tl ops.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-    j = tl.max_contiguous(tl.arange(0, SUB), SUB)
-    w_ptrs = w_ptr + n[:, None] * Kw + j[None, :]
-    acc = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
-    t0 = pid_k * tiles_per_split
-    t_end = tl.minimum(t0 + tiles_per_split, n_tiles)
-    for t in range(t0, t_end, UNROLL):
-        w = tl.load(w_ptrs + t * SUB, eviction_policy="evict_first")
-        if UNROLL == 2:
-            w2 = tl.load(w_ptrs + (t + 1) * SUB, mask=j[None, :] * 0 + t + 1 < t_end, other=0,
-                         eviction_policy="evict_first")
-        zero = tl.zeros_like(w)
-        acc2 = zero
-        acc_a = zero.to(tl.float16)
-        acc_b = zero.to(tl.float16)
-        acc2, acc_a, acc_b = _h2_tile(w, t, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2, acc_a,
-                                      acc_b, HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
-        if UNROLL == 2:
-            acc2, acc_a, acc_b = _h2_tile(w2, t + 1, t_end, j, n, x_ptr, s_ptr, o_ptr, K, N, group_size, acc2,
-                                          acc_a, acc_b, HAS_ZERO, SUB, EVEN_K, PAIR_GROUP, ASM)
+                acc_a, acc_b = _h2_pair_emulated((w >> (4 * p)) & 0xF, (w >> (4 * p + 16)) & 0xF, xa, xb, sa, sb,
+                                                 noa, nob, acc_a, acc_b, HAS_ZERO)
         if ASM:
             acc += tl.inline_asm_elementwise(_H2_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
         else:
             acc += acc_a.to(tl.float32) + acc_b.to(tl.float32)
-    out = tl.sum(acc, axis=1)[None, :]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    if COLSUM:
+        out = out * 8.0  # the weights were (q - 8) / 4 and x / 2
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
@@ -602,9 +644,12 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
 
     * M = 1, small layers (N * K < 4M, SmolLM2's): ``gemv_wide``, no split-K: 2.4-3.4 us, 1.35-1.5x
       cuBLAS, where the split-K GEMV took 4.0-4.8 us (its atomics and tile counter are latency).
-    * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.0-2.4x cuBLAS on Llama-3-8B
-      shapes where the fp32 ``gemv`` reached 1.6-1.8x; split-K 4 unless N alone gives > 128 programs.
-      bf16 activations take the ``gemv``.
+    * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.4-2.9x cuBLAS on Llama-3-8B
+      shapes (symmetric weights) where the fp32 ``gemv`` reached 1.6-1.8x. Narrow row blocks and
+      wide steps over split-K: 8 rows x 4 K-tiles per program at N = 4096, 16 x 4 at 6144, 32 x 2
+      from 8192 rows or K >= 8192, split-K 4 only for long K with N <= 4096; each within 3% of the
+      shape's best of 96 configs (bench/kernel_sweep.py --kernels gemv_h2). bf16 activations take
+      the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
@@ -618,8 +663,10 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
             return dict(kernel="gemv_wide", block_n=8 if k < 1024 else 4, tiles=4, split=1, num_warps=4,
                         num_stages=1)
         if dtype == torch.float16:
-            return dict(kernel="gemv_h2", block_n=64, split=4 if n <= 128 * 64 else 1, num_warps=8,
-                        num_stages=1)
+            long_k = k >= 8192
+            block_n = 32 if long_k or n >= 8192 else 16 if n > 4096 else 8
+            return dict(kernel="gemv_h2", block_n=block_n, tiles=2 if block_n == 32 else 4,
+                        split=4 if long_k and n <= 4096 else 1, num_warps=4, num_stages=1)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)
@@ -634,12 +681,12 @@ KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant")
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, tiles: int | None = None, unroll: int | None = None,
+                 num_stages: int | None = None, tiles: int | None = None,
                  h2: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_h2`` (M = 1, fp16, half2 arithmetic;
-    ``unroll`` 1 or 2 tiles per step), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per step), ``gemm`` /
+    ``tiles`` K-tiles per step), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per step, fp32), ``gemm`` /
     ``gemm_swap`` (tensor cores, x or the weight as the left operand; ``h2=False`` keeps their fp32
     dequantization for fp16 x), or ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
     """
@@ -654,7 +701,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if cfg["kernel"] == "gemv" and block_m is None:
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
-                         num_stages=num_stages, tiles=tiles, unroll=unroll, h2=h2).items():
+                         num_stages=num_stages, tiles=tiles, h2=h2).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -667,7 +714,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if kind == "dequant":
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype, _scratch(x.device, x.dtype, n * k).view(n, k)))
         return y.reshape(*lead, n)
-    step = cfg.get("tiles", 1) if kind == "gemv_wide" else 1
+    step = cfg.get("tiles", 1) if kind in ("gemv_wide", "gemv_h2") else 1
     split = max(1, min(cfg["split"], -(-w.n_tiles // step)))
     tps = -(-w.n_tiles // split)
     tps = -(-tps // step) * step  # whole steps per split
@@ -687,7 +734,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
-            *args, PAIR_GROUP=pair_group, UNROLL=cfg.get("unroll", 1), ASM=not _INTERPRET, **meta)
+            *args, TILES=step, PAIR_GROUP=pair_group, ASM=not _INTERPRET, **meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:

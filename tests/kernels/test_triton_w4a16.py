@@ -74,7 +74,7 @@ def test_wide_swap_and_dequant_paths(kernel, m, config, asym, dtype):
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("config", [dict(block_n=16), dict(block_n=8, split=3), dict(block_n=8, split=2, unroll=2)],
+@pytest.mark.parametrize("config", [dict(block_n=16), dict(block_n=8, split=3), dict(block_n=8, split=2, tiles=2), dict(block_n=8, tiles=4)],
                          ids=str)
 def test_gemv_h2(group_size, asym, config):
     """The half2 GEMV (M = 1, fp16): K = 576 is ragged at groups 128 and 256, N = 40 against any tile.
@@ -84,10 +84,11 @@ def test_gemv_h2(group_size, asym, config):
     check(40, 576, group_size, asym, 1, seed=group_size, kernel="gemv_h2", **config)
 
 
-def test_gemv_h2_large_activations():
-    """Products add up in half2 for 8 codes only: outliers of 4000 (massive activations) stay finite
-    and within the fp16 error bound."""
-    qw = random_qweight(64, 1024, 128, asym=True, seed=5)
+@pytest.mark.parametrize("asym", [False, True])
+def test_gemv_h2_large_activations(asym):
+    """Products add up in half2 over few codes (8 with zero points; 4 words' (q - 8) / 4 * x / 2 when
+    symmetric): outliers of 4000 (massive activations) stay finite and within the fp16 error bound."""
+    qw = random_qweight(64, 1024, 128, asym=asym, seed=5)
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(5)) * 30
     x[0, ::97] = 4000.0
     x = x.half()
