@@ -157,7 +157,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
         from klaq.toolchain.verify import reference_perplexity
 
         tok = PackageTokenizer(_tokenizer_facts(lm))
-        with streamed(lm.model):  # a lazy model: one block at a time, read from disk per window
+        with streamed(lm.model):  # a lazy model: one block at a time, each read from disk once
             ref_ppl = reference_perplexity(lm.model, tok.encode, "pydoc", 512, cfg.reference_windows)
     calibrated = cfg.method != "fp16" and needs_calibration(cfg.method, cfg.rounding)
     calib_ids, calib_hash = None, "none"

@@ -88,7 +88,12 @@ def reference_logits_fn(reference: str):
 
 def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, max_windows: int | None = 8) -> float:
     """FP perplexity of ``model`` (a transformers causal LM) by the verify protocol, computed in
-    fp32; recorded in packages as ``klaq.reference_ppl`` so a device can compare without the model."""
+    fp32; recorded in packages as ``klaq.reference_ppl`` so a device can compare without the model.
+
+    All windows go through the decoder as one batch and only the head runs per window: a lazy
+    model (toolchain/lazy.py, inside ``streamed``) then reads each block from disk once, not once
+    per window, while the per-window logits ([ctx, vocab] in fp64) stay the only large tensor.
+    """
     import torch
 
     windows = eval_windows(token_split(dataset, encode, "eval"), ctx, max_windows)
@@ -97,10 +102,15 @@ def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, 
     for p in params:  # parameters only: buffers (RoPE inv_freq) keep their fp32; fp16->fp32->fp16 is lossless
         p.data = p.data.float()
     nll, n = 0.0, 0
+    cap = getattr(model.config, "final_logit_softcapping", None)
     try:
         with torch.no_grad():
-            for w in windows:
-                logits = model(torch.from_numpy(w[None])).logits[0, :-1].double()
+            hidden = model.base_model(input_ids=torch.from_numpy(np.stack(windows))).last_hidden_state
+            head = model.get_output_embeddings()
+            for w, h in zip(windows, hidden, strict=True):
+                logits = head(h[:-1]).double()
+                if cap:  # Gemma-2-style final soft-capping, as the CausalLM forward applies it
+                    logits = torch.tanh(logits / cap) * cap
                 nll -= torch.log_softmax(logits, -1)[torch.arange(ctx - 1), torch.from_numpy(w[1:])].sum().item()
                 n += ctx - 1
     finally:
