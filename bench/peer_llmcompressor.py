@@ -10,9 +10,9 @@ Same inputs as klaq's methods: the FP16 model directory klaq evaluates against a
 ``[n, seqlen]`` token windows klaq calibrates on (no dataset loading, no chat template). Recipe:
 llm-compressor's defaults for the method (GPTQ: dampening 0.01, sequential by layer; AWQ: its
 default mappings and duo scaling) with a W{bits} group-{g} int scheme on every Linear but the
-head. Output: for each quantized Linear, ``fake_quantize(weight, weight_scale, weight_zero_point)``
-in fp32, which is what the packed model computes with; stdout: one JSON line with the time
-``oneshot`` took and the peak RSS.
+head. Output (:func:`collect_weights`): every parameter in fp32, each quantized Linear as
+``fake_quantize(weight, weight_scale, weight_zero_point)`` (what the packed model computes with);
+stdout: one JSON line with the time ``oneshot`` took and the peak RSS.
 """
 
 from __future__ import annotations
@@ -29,6 +29,31 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+# Parameters llm-compressor adds to a quantized Linear; klaq's model has no such names.
+QUANT_PARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale", "input_scale",
+                "input_zero_point", "output_scale", "output_zero_point")
+
+
+def collect_weights(model, fake_quantize) -> dict:
+    """Every parameter as the quantized model computes with it, in fp32: each quantized Linear's
+    ``fake_quantize(weight, scale, zero point)``, and every other parameter as the recipe left it.
+
+    The second part matters for AWQ: it folds its scales into the norms before q/k/v and
+    gate/up (and into v_proj / up_proj, which are quantized Linears anyway). Writing only the
+    Linears evaluated AWQ's scaled weights against the original norms (perplexity 1.7e6).
+    """
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] not in QUANT_PARAMS:
+                out[name] = p.detach().float().contiguous()
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and hasattr(mod, "weight_scale"):
+                zp = getattr(mod, "weight_zero_point", None)
+                out[f"{name}.weight"] = fake_quantize(mod.weight, mod.weight_scale, zp,
+                                                      mod.quantization_scheme.weights).float().contiguous()
+    return out
 
 
 def main():
@@ -73,13 +98,7 @@ def main():
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ids), max_seq_length=ids.shape[1])
     seconds = time.perf_counter() - t0
-    out = {}
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and hasattr(mod, "weight_scale"):
-                zp = getattr(mod, "weight_zero_point", None)
-                out[f"{name}.weight"] = fake_quantize(mod.weight, mod.weight_scale, zp,
-                                                      mod.quantization_scheme.weights).float().contiguous()
+    out = collect_weights(model, fake_quantize)
     save_file(out, args.out)
     import llmcompressor
 

@@ -186,6 +186,9 @@ def run_one(args) -> dict:
         seconds, row["peak_rss_mb"], weights = run_peer(args, lm, name.removeprefix("llmc-"), bits, group, sym)
         model = lm.model.float()
         params = dict(model.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise SystemExit(f"llm-compressor wrote parameters this model does not have: {unknown[:5]}")
         with torch.no_grad():
             for key, w in weights.items():
                 params[key].copy_(w)
