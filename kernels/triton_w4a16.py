@@ -257,6 +257,8 @@ cvt.f32.f16 fhi, hi;
 add.f32 $0, flo, fhi;
 }
 """)
+
+
 def _colsum_ptx(odd: bool) -> str:
     """PTX: pair p of 4 words ($1-$4) of one row, symmetric weights, times their x pairs ($5-$8),
     summed in half2, scaled once by the pair's scales ($9) and added to the half2 sum $10.
@@ -288,7 +290,7 @@ _H2C_ODD = tl.constexpr(_colsum_ptx(True))
 def _quarters(v):
     """``v [..., SUB]`` as four ``[..., SUB // 4]`` tensors: columns 4m, 4m + 2, 4m + 1, 4m + 3.
 
-    Reshape and split, so which elements meet in :data:`_H2C_SYM` is fixed by the program, not by
+    Reshape and split, so which elements meet in ``_H2C_EVEN`` / ``_H2C_ODD`` is fixed by the program, not by
     the register layout the compiler picks (an ``inline_asm_elementwise`` with ``pack=4`` would
     group whatever 4 values a thread happens to hold).
     """
@@ -357,7 +359,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
     # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
     # Symmetric weights (COLSUM): 4 words of a row share a pair's scale, so their products are
-    # summed before it is applied (_H2C_SYM). Zero points: each word's weights q * s - o are built
+    # summed before it is applied (_H2C_EVEN / _H2C_ODD). Zero points: each word's weights q * s - o are built
     # in half2 and multiplied by x (_H2_ASYM); a word's 8 products meet in half2, then in fp32.
     # ASM=False (the interpreter, which runs no PTX) does the per-word fp16 arithmetic in tl ops.
     COLSUM: tl.constexpr = ASM and not HAS_ZERO
