@@ -3,7 +3,8 @@
 One protocol for every system: the evaluation part of the text source (never seen by
 calibration), tokenized once with the *package's* tokenizer, cut into non-overlapping windows of
 ``ctx`` tokens; each window is scored from scratch. The same token ids go to the reference
-(transformers, fp16 weights computed in fp32) and to the package (klaq runtime).
+(transformers, fp16 weights computed in fp32, loaded block by block where the weights are local
+safetensors) and to the package (klaq runtime).
 """
 
 from __future__ import annotations
@@ -72,18 +73,32 @@ class Scores:
         self.n += len(tgt)
 
 
-def reference_logits_fn(reference: str):
+def reference_logits(reference: str, windows: list[np.ndarray], batch: int = 8):
+    """The FP reference's fp32 logits ``[ctx, vocab]`` of each window, in order (a generator).
+
+    The reference loads lazily where its weights are local safetensors (toolchain/lazy.py): host
+    RAM holds the embeddings, the head and one decoder block, not the whole model in fp32 (32 GB
+    for an 8B). ``batch`` windows at a time run through the decoder together, so each block is
+    read from disk once per batch; the head then runs per window, so one window's logits are the
+    only tensor of vocabulary size.
+    """
     import torch
 
+    from klaq.toolchain.lazy import streamed
     from klaq.toolchain.models import load_model
 
-    lm = load_model(reference, dtype="float32")
-
-    def logits(ids: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return lm.model(torch.from_numpy(ids[None])).logits[0].float().numpy()
-
-    return logits
+    model = load_model(reference, dtype="float32", lazy=True).model
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    for i in range(0, len(windows), batch):
+        with torch.no_grad(), streamed(model):
+            hidden = model.base_model(input_ids=torch.from_numpy(np.stack(windows[i:i + batch]))).last_hidden_state
+        for h in hidden:
+            with torch.no_grad():
+                logits = head(h)
+                if cap:  # Gemma-2-style final soft-capping, as the CausalLM forward applies it
+                    logits = torch.tanh(logits / cap) * cap
+            yield logits.float().numpy()
 
 
 def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, max_windows: int | None = 8) -> float:
@@ -129,10 +144,11 @@ def verify_package(
     pkg = load_package(package)
     ids = token_split(dataset, pkg.tokenizer.encode, "eval")
     windows = eval_windows(ids, ctx, max_windows)
-    ref = reference_logits_fn(reference)
     scores = Scores()
-    for w in tqdm(windows, desc="verify", unit="window", disable=not progress):
-        scores.add(ref(w), pkg.model.forward(w, pkg.model.new_cache(ctx)), w)
+    refs = reference_logits(reference, windows)
+    pairs = zip(windows, refs, strict=True)
+    for w, ref in tqdm(pairs, total=len(windows), desc="verify", unit="window", disable=not progress):
+        scores.add(ref, pkg.model.forward(w, pkg.model.new_cache(ctx)), w)
     ppl_ref = float(np.exp(scores.nll_ref / scores.n))
     ppl_pkg = float(np.exp(scores.nll_pkg / scores.n))
     inc = ppl_pkg / ppl_ref - 1.0

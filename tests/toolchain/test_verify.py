@@ -52,3 +52,27 @@ def test_lazy_reference_reads_each_block_once(tiny_model_dir, monkeypatch):
     n_blocks = len(model.model.layers)
     assert sorted(reads) == sorted(f"model.layers.{i}." for i in range(n_blocks))
     assert got == pytest.approx(reference_perplexity(load_model(d).model, _encode, "pydoc", 64, 4), rel=1e-6)
+
+
+def test_verify_reference_streams_blocks_in_batches(tiny_model_dir, monkeypatch):
+    """klaq-verify's reference loads lazily and runs `batch` windows per decoder pass: 5 windows in
+    batches of 2 read each block 3 times, and the logits are the fully loaded model's per window."""
+    from klaq.toolchain.lazy import LazyWeights
+    from klaq.toolchain.verify import reference_logits
+
+    d = str(tiny_model_dir("llama"))
+    windows = eval_windows(token_split("pydoc", _encode, "eval"), 32, 5)
+    reads = []
+    load = LazyWeights.load_module
+    monkeypatch.setattr(LazyWeights, "load_module", lambda self, block, prefix, skip=None: reads.append(prefix) or
+                        load(self, block, prefix, skip))
+    got = list(reference_logits(d, windows, batch=2))
+    full = load_model(d, dtype="float32").model
+    n_blocks = len(full.model.layers)
+    reads = [r for r in reads if r.startswith("model.layers.")]  # not the embeddings / head at load
+    assert len(reads) == 3 * n_blocks and len(set(reads)) == n_blocks
+    with torch.no_grad():
+        for w, logits in zip(windows, got, strict=True):
+            want = full(torch.from_numpy(w[None])).logits[0].numpy()
+            assert logits.shape == want.shape and logits.dtype == np.float32
+            np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
