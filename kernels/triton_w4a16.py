@@ -351,6 +351,16 @@ def _h2_pair_emulated(q_a, q_b, xa, xb, sa, sb, noa, nob, acc_a, acc_b, HAS_ZERO
 
 
 @triton.jit
+def _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB: tl.constexpr):
+    """One step of the wide GEMVs: tiles ``t0 + t3`` ``[1, TILES, 1]``, which of them are before
+    ``t_end``, and their words ``[BLOCK_N, TILES, SUB]`` (zeros for tiles past the end)."""
+    tt = t0 + t3
+    live = tt < t_end
+    w = tl.load(w_ptr + n3 * Kw + tt * SUB + j3, mask=live, other=0, eviction_policy="evict_first")
+    return tt, live, w
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                     group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                     TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
@@ -376,9 +386,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t0 in range(t_start, t_end, TILES):
-        tt = t0 + t3
-        live = tt < t_end
-        w = tl.load(w_ptr + n3 * Kw + tt * SUB + j3, mask=live, other=0, eviction_policy="evict_first")
+        tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
         kg = tl.minimum(tt, t_end - 1) * (8 * SUB)  # a dead tile reads a live tile's (finite) scales
         if COLSUM:
             w0, w1, w2, w3 = _quarters(w)
@@ -530,9 +538,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t0 in range(t_start, t_end, TILES):
-        tt = t0 + t3
-        live = tt < t_end
-        w = tl.load(w_ptr + n3 * Kw + tt * SUB + j3, mask=live, other=0, eviction_policy="evict_first")
+        tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
         for i in tl.static_range(8):
             kb = tt * (8 * SUB) + i * SUB  # [1, TILES, 1]: first code of each slice
             if EVEN_K:
