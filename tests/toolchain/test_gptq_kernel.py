@@ -1,5 +1,6 @@
-"""GPTQ's Triton column loop against the torch loop: bit-exact under the interpreter (CI), and on a
-GPU equal up to the rare code that an FMA moves across a rounding boundary."""
+"""GPTQ's column loops against the torch loop: numpy (the CPU default) bit-exact, Triton bit-exact under
+the interpreter (CI) and on a GPU equal up to the rare code that an FMA moves across a rounding
+boundary."""
 
 import pytest
 import torch
@@ -36,10 +37,26 @@ def test_triton_loop_equals_torch_loop(case):
     assert i_tri.loss == pytest.approx(i_ref.loss, rel=1e-6) and i_tri.dead == i_ref.dead == 1
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_numpy_loop_equals_torch_loop(case):
+    n, k, group, sym, act_order, bits = case
+    w, h = _problem(n, k, seed=k + n + 1)
+    spec = QuantSpec(bits, group, sym)
+    q_ref, d_ref, i_ref = gptq_quantize(w, h, spec, act_order=act_order, kernel="torch")
+    q_np, d_np, i_np = gptq_quantize(w, h, spec, act_order=act_order, kernel="numpy")
+    assert (q_np.codes == q_ref.codes).all() and (q_np.scales == q_ref.scales).all()
+    assert (q_np.zeros is None and q_ref.zeros is None) or (q_np.zeros == q_ref.zeros).all()
+    assert torch.equal(d_np, d_ref) and i_np.loss == i_ref.loss and i_np.dead == i_ref.dead == 1
+
+
 def test_kernel_choice():
+    from klaq.toolchain.algorithms.gptq import _column_kernel
+
     w, h = _problem(8, 64, 0)
     with pytest.raises(ValueError, match="unknown GPTQ column kernel"):
         gptq_quantize(w, h, QuantSpec(4, 32, True), kernel="cuda")
+    assert _column_kernel(None, torch.device("cpu")) == "numpy"
+    assert _column_kernel("torch", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.gpu
