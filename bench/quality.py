@@ -345,6 +345,8 @@ def main():
     ap.add_argument("--out", default=None, help="Markdown file whose quality section is rewritten")
     ap.add_argument("--results", default="bench/results", help="directory for the JSON lines")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--rerun", action="store_true",
+                    help="measure the listed methods again even if their rows exist (the newest row wins)")
     ap.add_argument("--peer-python", default=None, help="python of llm-compressor's environment (llmc-* rows)")
     ap.add_argument("--live-ref", action="store_true",
                     help="score against a live FP16 copy instead of cached log-probs")
@@ -387,8 +389,9 @@ def main():
                 r = json.loads(line)
                 done[r["method"]] = r
         rows = []
-        for method in ["fp16"] + [m for m in args.methods.split(",") if m]:
-            if method not in done:
+        listed = [m for m in args.methods.split(",") if m]
+        for method in ["fp16"] + listed:
+            if method not in done or (args.rerun and method in listed):
                 t0 = time.perf_counter()
                 p = subprocess.run(base + ["--config", config, "--one", method], capture_output=True, text=True,
                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
