@@ -655,7 +655,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.4-2.9x cuBLAS on Llama-3-8B
       shapes (symmetric weights) where the fp32 ``gemv`` reached 1.6-1.8x. Narrow row blocks and
       wide steps over split-K: 8 rows x 4 K-tiles per program at N = 4096, 16 x 4 at 6144, 32 x 2
-      from 8192 rows or K >= 8192, split-K 4 only for long K with N <= 4096; each within 3% of the
+      from 8192 rows or K >= 8192, split-K 4 only for long K with N <= 4096; each within 4% of the
       shape's best of 96 configs (bench/kernel_sweep.py --kernels gemv_h2). bf16 activations take
       the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
