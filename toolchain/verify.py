@@ -88,17 +88,29 @@ def reference_logits(reference: str, windows: list[np.ndarray], batch: int = 8):
     from klaq.toolchain.models import load_model
 
     model = load_model(reference, dtype="float32", lazy=True).model
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     for i in range(0, len(windows), batch):
         with torch.no_grad(), streamed(model):
-            hidden = model.base_model(input_ids=torch.from_numpy(np.stack(windows[i:i + batch]))).last_hidden_state
+            hidden = _decoder_states(model, windows[i:i + batch])
         for h in hidden:
-            with torch.no_grad():
-                logits = head(h)
-                if cap:  # Gemma-2-style final soft-capping, as the CausalLM forward applies it
-                    logits = torch.tanh(logits / cap) * cap
-            yield logits.float().numpy()
+            yield _head_logits(model, h).float().numpy()
+
+
+def _decoder_states(model, windows: list[np.ndarray]):
+    """The decoder's final hidden states ``[len(windows), ctx, hidden]``, all windows as one batch."""
+    import torch
+
+    return model.base_model(input_ids=torch.from_numpy(np.stack(windows))).last_hidden_state
+
+
+def _head_logits(model, hidden):
+    """The head on one window's hidden states, with the final soft-capping the CausalLM forward
+    applies where the config has one (Gemma-2 style)."""
+    import torch
+
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    with torch.no_grad():
+        logits = model.get_output_embeddings()(hidden)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, max_windows: int | None = 8) -> float:
@@ -117,15 +129,11 @@ def reference_perplexity(model, encode, dataset: str = "pydoc", ctx: int = 512, 
     for p in params:  # parameters only: buffers (RoPE inv_freq) keep their fp32; fp16->fp32->fp16 is lossless
         p.data = p.data.float()
     nll, n = 0.0, 0
-    cap = getattr(model.config, "final_logit_softcapping", None)
     try:
         with torch.no_grad():
-            hidden = model.base_model(input_ids=torch.from_numpy(np.stack(windows))).last_hidden_state
-            head = model.get_output_embeddings()
+            hidden = _decoder_states(model, windows)
             for w, h in zip(windows, hidden, strict=True):
-                logits = head(h[:-1]).double()
-                if cap:  # Gemma-2-style final soft-capping, as the CausalLM forward applies it
-                    logits = torch.tanh(logits / cap) * cap
+                logits = _head_logits(model, h[:-1]).double()
                 nll -= torch.log_softmax(logits, -1)[torch.arange(ctx - 1), torch.from_numpy(w[1:])].sum().item()
                 n += ctx - 1
     finally:

@@ -194,15 +194,15 @@ def gptq_quantize(
                 cols = w1[:, a - i1 : g_end - i1] if g_end <= i2 else torch.cat([w1[:, a - i1 :], w[:, i2:g_end]], 1)
                 s, z = search_grid(cols, spec, energy[a:g_end], grid_steps)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            # zero points (symmetric) or the stored fp16 offsets z * s, per group
+            zterm = zero if spec.sym else (zero * scale).half().float()
             if loop == "triton":
                 from klaq.toolchain.algorithms.gptq_kernel import gptq_columns
 
-                zterm = zero if spec.sym else (zero * scale).half().float()
                 gcols = col_group[i1:i2].to(torch.int32).contiguous()
                 gptq_columns(w1, u1, scale.contiguous(), zterm.contiguous(), gcols, codes1, err1, a - i1, b - i1,
                              spec.maxq, spec.sym)
             elif loop == "numpy":
-                zterm = zero if spec.sym else (zero * scale).half().float()
                 _columns_numpy(w1, u1.contiguous(), scale, zterm, col_g[i1:i2], codes1, err1, a - i1, b - i1, spec)
             else:
                 _columns_torch(w1, u1, scale, zero, col_g[i1:i2], codes1, err1, a - i1, b - i1, spec)
