@@ -35,13 +35,20 @@ class QuantArch:
     stages: tuple[tuple[str, ...], ...]  # true-sequential order of the block's linears
     groups: tuple[ScaleGroup, ...]
     conv1d: bool = False
+    # (linear, norm): an RMSNorm that normalizes this linear's *output* (Gemma 3's post-norms after
+    # o_proj / down_proj, Qwen 3's and Gemma 3's per-head q_norm / k_norm). Its Jacobian scales an
+    # output error by 1 / rms, which the engine's norm-weighted Hessian (``norm_tokens``) uses.
+    normed: tuple[tuple[str, str], ...] = ()
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _LLAMA_STAGES = (_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-def _llama_like(norm_kind: str, mlp_norm: str) -> QuantArch:
+_QK_NORMS = (("self_attn.q_proj", "self_attn.q_norm"), ("self_attn.k_proj", "self_attn.k_norm"))
+
+
+def _llama_like(norm_kind: str, mlp_norm: str, normed: tuple[tuple[str, str], ...] = ()) -> QuantArch:
     return QuantArch(
         layers="model.layers",
         stages=_LLAMA_STAGES,
@@ -51,6 +58,7 @@ def _llama_like(norm_kind: str, mlp_norm: str) -> QuantArch:
             ScaleGroup(mlp_norm, norm_kind, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
             ScaleGroup("mlp.up_proj", "linear", ("mlp.down_proj",), "mlp.down_proj"),
         ),
+        normed=normed,
     )
 
 
@@ -58,10 +66,12 @@ QUANT_ARCHS: dict[str, QuantArch] = {
     "llama": _llama_like("rmsnorm", "post_attention_layernorm"),
     "mistral": _llama_like("rmsnorm", "post_attention_layernorm"),
     "qwen2": _llama_like("rmsnorm", "post_attention_layernorm"),
-    "qwen3": _llama_like("rmsnorm", "post_attention_layernorm"),
+    "qwen3": _llama_like("rmsnorm", "post_attention_layernorm", _QK_NORMS),
     # Gemma 3: post_attention_layernorm normalizes the attention *output*; the MLP input norm is
     # pre_feedforward_layernorm.
-    "gemma3_text": _llama_like("rmsnorm1p", "pre_feedforward_layernorm"),
+    "gemma3_text": _llama_like("rmsnorm1p", "pre_feedforward_layernorm",
+                               _QK_NORMS + (("self_attn.o_proj", "post_attention_layernorm"),
+                                            ("mlp.down_proj", "post_feedforward_layernorm"))),
     "opt": QuantArch(
         layers="model.decoder.layers",
         stages=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),

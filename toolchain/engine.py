@@ -72,6 +72,7 @@ from klaq.toolchain.algorithms.klawq import (
     klawq_hessian,
     layer_token_weights,
     model_fisher_weights,
+    norm_token_weights,
 )
 from klaq.toolchain.archs import QuantArch, get_quant_arch
 from klaq.toolchain.data import shuffled_windows
@@ -105,6 +106,9 @@ class EngineConfig:
     beta: float = 0.0  # KLAWQ: H + beta * A
     tau: float = 1.0  # KLAWQ: softmax temperature (kl_source=layer)
     kl_source: str = "layer"  # layer | model
+    # GPTQ's Hessian from tokens weighted by 1 / ms of the linear's FP output where an RMSNorm
+    # normalizes that output (the arch table's ``normed``; other linears keep the plain Hessian).
+    norm_tokens: bool = False
     rounding: str = "nearest"  # nearest | greedy (a refinement pass after the method)
     salience: str = "l1"  # AWQ: mean |x| (l1) or mean x^2 (l2)
     propagate: bool = True  # quantized block outputs feed the next block
@@ -332,6 +336,9 @@ def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need
     stats: dict[str, InputStats] = {}
     kl: dict[str, torch.Tensor] = {}
     want_kl = cfg.method.endswith("klawq") and cfg.beta != 0
+    # linear -> the width its output norm normalizes (a head or the whole row)
+    norm_width = {lin: block.get_submodule(norm).weight.shape[0] for lin, norm in arch.normed
+                  if lin in mods} if cfg.norm_tokens else {}
     state = {"batch": 0, "fired": set(), "last": None}
 
     def make(name):
@@ -359,6 +366,10 @@ def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need
                 else:
                     k = layer_token_weights(x2, mod.weight.data, cfg.tau, conv1d=arch.conv1d)
                 add_weighted_outer(kl[name], x2, k)
+            elif name in norm_width:
+                if name not in kl:
+                    kl[name] = torch.zeros(x2.shape[1], x2.shape[1], device=dev)
+                add_weighted_outer(kl[name], x2, norm_token_weights(x2, mod.weight.data, norm_width[name]))
             state["fired"].add(name)
             if early_exit and len(state["fired"]) == len(names):
                 raise _Stop
@@ -394,7 +405,10 @@ def _quantize_linear(w: torch.Tensor, st: InputStats | None, a: torch.Tensor | N
         h = st.hessian()
         if a is not None:
             a = a / max(st.n, 1)
-        htot = klawq_hessian(h, a, cfg.beta if cfg.method.endswith("klawq") else 0.0)
+        if cfg.norm_tokens and a is not None:  # norm-weighted tokens replace the plain Hessian
+            htot = a
+        else:
+            htot = klawq_hessian(h, a, cfg.beta if cfg.method.endswith("klawq") else 0.0)
         qw, deq, ginfo = gptq_quantize(w, htot, spec, damp=cfg.damp, act_order=cfg.act_order,
                                        block_size=cfg.block_size, shrink=cfg.shrink, grid_steps=cfg.grid_steps)
         info.update(damp=ginfo.damp, dead=ginfo.dead, fallback=ginfo.fallback)
@@ -447,6 +461,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
     if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0 or cfg.augment < 0:
         raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0 and augment >= 0")
+    if cfg.norm_tokens and cfg.method.endswith("klawq") and cfg.beta != 0:
+        raise KlaqError("norm-weighted tokens (--norm-tokens) replace the Hessian KLAWQ adds to; use one or the other")
     arch = get_quant_arch(model.config.model_type)
     if cfg.augment:
         calib_ids = shuffled_windows(np.asarray(calib_ids), cfg.augment, cfg.seed)

@@ -58,6 +58,7 @@ class ExportConfig:
     beta: float = 0.0
     tau: float = 1.0
     kl_source: str = "layer"
+    norm_tokens: bool = False  # GPTQ Hessians of output-normalized linears weighted by 1 / ms (engine.py)
     rounding: str = "nearest"
     salience: str = "l1"
     propagate: bool = True
@@ -145,7 +146,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
             raise KlaqError(f"--device {cfg.device} requested but no CUDA device is available")
     t0 = time.perf_counter()
     engine = EngineConfig(method=cfg.method, damp=cfg.damp, shrink=cfg.shrink, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
-                          rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
+                          norm_tokens=cfg.norm_tokens, rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
                           true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
                           seed=cfg.seed, threads=cfg.threads, keep_weights=False,
                           activations=cfg.activations)
@@ -211,6 +212,8 @@ def method_options(cfg: ExportConfig) -> str:
     if "gptq" in cfg.method or "klawq" in cfg.method:
         parts += [f"damp={cfg.damp:g}", f"act_order={int(cfg.act_order)}"]
         parts.append(f"shrink={cfg.shrink:g}")
+        if cfg.norm_tokens:
+            parts.append("norm_tokens=1")
     if "klawq" in cfg.method:
         parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
     if cfg.method.startswith("awq"):

@@ -35,6 +35,20 @@ def layer_token_weights(x: torch.Tensor, weight: torch.Tensor, tau: float, conv1
     return torch.cat(out)
 
 
+def norm_token_weights(x: torch.Tensor, weight: torch.Tensor, width: int, floor: float = 0.01,
+                       chunk: int = 8192) -> torch.Tensor:
+    """``mean_g 1 / ms_g(W x_t)`` for every row of ``x`` [T, K]: the output ``W x_t`` is cut into
+    groups of ``width`` (what the RMSNorm after the linear normalizes: the whole row, or one head),
+    ``ms_g`` is a group's mean square. An RMSNorm divides its input by ``rms``, so an error in the
+    linear's output reaches the rest of the model scaled by ``1 / rms``: squared, the weight of
+    the token in the layer's output error. ``ms`` is floored at ``floor`` times its batch mean
+    (a near-zero output would otherwise take all the weight).
+    """
+    w = weight.float()
+    ms = torch.cat([(xc @ w.T).reshape(xc.shape[0], -1, width).pow(2).mean(-1) for xc in x.split(chunk)])
+    return (1.0 / ms.clamp_min(floor * ms.mean(0))).mean(-1)
+
+
 def add_weighted_outer(acc: torch.Tensor, x: torch.Tensor, k: torch.Tensor, chunk: int = 8192) -> None:
     """``acc += Σ_t k_t x_t x_tᵀ`` in fp32 chunks."""
     for xc, kc in zip(x.split(chunk), k.split(chunk), strict=True):

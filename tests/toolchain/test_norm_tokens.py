@@ -1,0 +1,75 @@
+"""Norm-weighted GPTQ Hessians: tokens weighted by 1 / ms of a linear's output where an RMSNorm
+normalizes that output (Gemma 3's post-norms and q/k norms, Qwen 3's q/k norms)."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_archs import _ids, _model
+
+from klaq.errors import KlaqError
+from klaq.toolchain.algorithms.grid import QuantSpec
+from klaq.toolchain.algorithms.klawq import norm_token_weights
+from klaq.toolchain.archs import get_quant_arch
+from klaq.toolchain.engine import EngineConfig, quantize_blocks
+
+
+def test_norm_token_weights_formula():
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 6), torch.randn(8, 6)
+    y = x @ w.T
+    torch.testing.assert_close(norm_token_weights(x, w, 8, chunk=5), 1 / y.pow(2).mean(-1))
+    ms = y.reshape(12, 4, 2).pow(2).mean(-1)  # per-head norms: the mean of the heads' weights
+    torch.testing.assert_close(norm_token_weights(x, w, 2), (1 / ms.clamp_min(0.01 * ms.mean(0))).mean(-1))
+    # a token whose output is ~0 is floored at 1% of the batch's mean square, not infinite
+    x[0] = 0
+    k = norm_token_weights(x, w, 8)
+    assert torch.isfinite(k).all() and float(k[0]) == pytest.approx(1 / (0.01 * float(y[1:].pow(2).mean(-1).sum() / 12)))
+    # doubling a token's output quarters its weight
+    x2 = torch.randn(3, 6)
+    x2[1] = 2 * x2[0]
+    k2 = norm_token_weights(x2, w, 8)
+    assert float(k2[1]) == pytest.approx(float(k2[0]) / 4)
+
+
+def test_arch_table_names_norms_that_exist():
+    for model_type, expect in [("gemma3_text", 4), ("qwen3", 2), ("llama", 0)]:
+        arch = get_quant_arch(model_type)
+        assert len(arch.normed) == expect
+        block = _model(model_type).get_submodule(arch.layers)[0]
+        for lin, norm in arch.normed:
+            block.get_submodule(lin)
+            block.get_submodule(norm)
+
+
+def _codes(res):
+    return {n: qw.codes for n, qw in res.quantized.items()}
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "qwen3"])
+def test_only_normed_linears_change(model_type):
+    """Each block sees the FP inputs, all linears at once (no propagation): only the weights whose
+    Hessian is norm-weighted can change."""
+    ids = _ids()
+    kw = dict(method="gptq", spec=QuantSpec(4, 32, False), propagate=False, true_sequential=False, progress=False)
+    plain = _codes(quantize_blocks(_model(model_type), ids, EngineConfig(**kw)))
+    normed = _codes(quantize_blocks(_model(model_type), ids, EngineConfig(norm_tokens=True, **kw)))
+    lins = {lin for lin, _ in get_quant_arch(model_type).normed}
+    changed = {n for n in plain if not np.array_equal(plain[n], normed[n])}
+    touched = {n for n in plain if n.split(".", 3)[3].removesuffix(".weight") in lins}
+    assert changed and changed <= touched
+
+
+def test_llama_has_no_output_norms_so_nothing_changes():
+    ids = _ids()
+    spec = QuantSpec(4, 32, True)
+    plain = _codes(quantize_blocks(_model("llama"), ids, EngineConfig(method="gptq", spec=spec, progress=False)))
+    normed = _codes(quantize_blocks(_model("llama"), ids, EngineConfig(method="gptq", spec=spec, norm_tokens=True,
+                                                                       progress=False)))
+    for n in plain:
+        np.testing.assert_array_equal(plain[n], normed[n])
+
+
+def test_not_with_klawq():
+    with pytest.raises(KlaqError, match="norm-tokens"):
+        quantize_blocks(_model("qwen3"), _ids(), EngineConfig(method="klawq", beta=1.0, norm_tokens=True,
+                                                              progress=False))
