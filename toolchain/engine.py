@@ -356,20 +356,19 @@ def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need
                 x2 = st.add(x)
                 state["last"] = (x, st, x2)
             stats[name] = st
-            if want_kl:
-                if name not in kl:
-                    kl[name] = torch.zeros(x2.shape[1], x2.shape[1], device=dev)
-                if cfg.kl_source == "model":
-                    b = state["batch"]
-                    k = fisher[f"{block_idx}.{name}"][b * cfg.micro_batch : b * cfg.micro_batch + x.shape[0]]
-                    k = k.reshape(-1).to(dev)
-                else:
-                    k = layer_token_weights(x2, mod.weight.data, cfg.tau, conv1d=arch.conv1d)
-                add_weighted_outer(kl[name], x2, k)
+            k = None  # per-token weights of a second, re-weighted Hessian
+            if want_kl and cfg.kl_source == "model":
+                b = state["batch"]
+                k = fisher[f"{block_idx}.{name}"][b * cfg.micro_batch : b * cfg.micro_batch + x.shape[0]]
+                k = k.reshape(-1).to(dev)
+            elif want_kl:
+                k = layer_token_weights(x2, mod.weight.data, cfg.tau, conv1d=arch.conv1d)
             elif name in norm_width:
+                k = norm_token_weights(x2, mod.weight.data, norm_width[name])
+            if k is not None:
                 if name not in kl:
                     kl[name] = torch.zeros(x2.shape[1], x2.shape[1], device=dev)
-                add_weighted_outer(kl[name], x2, norm_token_weights(x2, mod.weight.data, norm_width[name]))
+                add_weighted_outer(kl[name], x2, k)
             state["fired"].add(name)
             if early_exit and len(state["fired"]) == len(names):
                 raise _Stop
