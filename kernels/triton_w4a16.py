@@ -35,6 +35,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 * ``gemm_swap``: ``Y^T = W X^T``, the dequantized weight as the left operand (it may stay in
   registers, only x is staged). M = 17-128.
 * ``dequant``: the whole weight to the activation dtype in a scratch buffer, then cuBLAS. M > 128.
+* ``wgmma`` (gluon_w4a16.py): on Hopper with fp16 activations it replaces ``gemm_swap`` and
+  ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights.
 
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
@@ -684,7 +686,24 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     return dict(kernel="dequant")
 
 
-KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant")
+KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant", "wgmma")
+_GLUON: list = []
+
+
+def wgmma_ok(x: torch.Tensor, k: int) -> bool:
+    """Whether the Hopper kernel (gluon_w4a16.py) can take ``x``: fp16 on an sm_90 GPU, K a multiple
+    of 8 (TMA's 16-byte row stride), and Triton's Gluon importable (not the interpreter)."""
+    if _INTERPRET or not x.is_cuda or x.dtype != torch.float16 or k % 8:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False
+    if not _GLUON:
+        try:
+            from klaq.kernels import gluon_w4a16
+        except ImportError:
+            gluon_w4a16 = None
+        _GLUON.append(gluon_w4a16)
+    return _GLUON[0] is not None
 
 
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
@@ -719,6 +738,12 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         raise ValueError(f"{kind} takes one row of activations")
     if kind == "gemv_h2" and x.dtype != torch.float16:
         raise ValueError("gemv_h2 takes fp16 activations")
+    if kind in ("gemm_swap", "dequant") and kernel is None and wgmma_ok(x2, k):
+        kind = "wgmma"  # M > 16 on Hopper: 1.1-1.5x at M = 64, 0.8-0.95x at M = 256 (bench/kernels.py)
+    if kind == "wgmma":
+        if not wgmma_ok(x2, k):
+            raise ValueError("the wgmma kernel needs fp16 activations on an sm_90 GPU, K % 8 == 0 and Triton's Gluon")
+        return _GLUON[0].gemm_wgmma(x2, w).reshape(*lead, n)
     if kind == "dequant":
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype, _scratch(x.device, x.dtype, n * k).view(n, k)))
         return y.reshape(*lead, n)

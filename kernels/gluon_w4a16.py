@@ -1,0 +1,254 @@
+"""Hopper W4A16 GEMM in Gluon (Triton's explicit-layout dialect): prefill, M > 16.
+
+``Y^T = W X^T`` with the dequantized weight as the wgmma's left operand *in registers* and x as the
+right operand in shared memory, staged by TMA through a ring of ``STAGES`` K-slices.
+
+Why Gluon: the Triton GEMMs (triton_w4a16.py) let the compiler place the dequantized tile, and the
+compiled code waits for every tensor-core MMA before it dequantizes the next slice, so MMA and
+dequantization add up (about 25% of the H100's MMA peak at M = 256). Here the program says what
+overlaps: the next pair of K-slices is dequantized while this pair's asynchronous wgmmas run.
+Measured on an H100 (bench/kernels.py): see :func:`default_programs` and BENCHMARKS.md.
+
+No shuffles for the weight: the words of one tile are loaded once, straight into the register
+layout of the wgmma's A operand. Word ``j`` holds code ``j`` of each of the tile's 8 slices (see
+triton_w4a16's layout), so a thread holding words ``j`` holds the A fragment of *every* slice:
+slices 2p and 2p + 1 are one shift and one LOP3 away (half2 dequantization, as in the GEMV).
+
+Gluon has no interpreter mode, so this kernel is tested on a Hopper GPU only
+(tests/kernels/test_gluon_w4a16.py); written against Triton 3.6's Gluon API.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from klaq.kernels.triton_w4a16 import TritonW4, _workspace
+
+# Two slices of a word (shifted so their codes sit in bits 0-3 and 16-19) into the fp16 weights
+# ``q * s - o`` (one rounding): LOP3 makes the half2 1024 + q, then subtract and multiply (symmetric,
+# (q - 8) * s) or FMA with -o.
+_DQ_SYM = gl.constexpr("{\n.reg .b32 t, m;\nmov.b32 m, 0x64086408;\nlop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;\n"
+                       "sub.f16x2 t, t, m;\nmul.f16x2 t, t, $3;\nmov.b32 {$0, $1}, t;\n}\n")
+_DQ_ASYM = gl.constexpr("{\n.reg .b32 t, m;\nmov.b32 m, 0x64006400;\nlop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;\n"
+                        "sub.f16x2 t, t, m;\nfma.rn.f16x2 t, t, $3, $4;\nmov.b32 {$0, $1}, t;\n}\n")
+
+
+@gluon.jit
+def _half2(a, b):
+    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [a, b], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _pair_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr):
+    """Half2 scales (and -offsets) ``[BLOCK_N, 1]`` of the two slices from code ``k0``."""
+    ga = k0 // group_size
+    gb = (k0 + SUB) // group_size
+    sa = gl.load(s_ptr + ga * N + s_rows)
+    sb = gl.load(s_ptr + gb * N + s_rows)
+    s2 = gl.expand_dims(_half2(sa, sb), 1)
+    if HAS_ZERO:
+        o2 = gl.expand_dims(_half2(-gl.load(o_ptr + ga * N + s_rows), -gl.load(o_ptr + gb * N + s_rows)), 1)
+    else:
+        o2 = s2
+    return s2, o2
+
+
+@gluon.jit
+def _dq_pair(words, p: gl.constexpr, s2, o2, HAS_ZERO: gl.constexpr):
+    """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 A operands."""
+    z = gl.zeros_like(words)
+    args = [words >> (4 * p), s2 + z, o2 + z]
+    if HAS_ZERO:
+        return gl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(gl.float16, gl.float16), is_pure=True,
+                                         pack=1)
+    return gl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(gl.float16, gl.float16), is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _issue_x(x_desc, x_smem, bars, m0, k_base, j, n_slices, c0, SUB: gl.constexpr, STAGES: gl.constexpr):
+    """TMA slice ``j`` of a segment (codes ``k_base + j * SUB``) into the stage of its global count ``c0 + j``."""
+    ok = j < n_slices
+    st = (c0 + j) % STAGES
+    mbarrier.expect(bars.index(st), x_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(x_desc, [m0, k_base + j * SUB], bars.index(st), x_smem.index(st), pred=ok)
+
+
+@gluon.jit
+def _owner(u, units, programs):
+    """The program whose share of the ``units`` (K-tiles of all output tiles) holds unit ``u``."""
+    return ((u + 1) * programs - 1) // units
+
+
+@gluon.jit
+def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
+                       n_tiles, blocks_m, units, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, OUT_VEC: gl.constexpr,
+                       OUT_TN: gl.constexpr, num_warps: gl.constexpr):
+    # Stream-K: the output tiles' K-tiles ("units") are cut into equal shares, one per program, so
+    # every SM gets the same work whatever the tile count (a plain grid of 64 x 128 tiles ran 1.7
+    # waves at 14336 x 4096). A share may start or end inside an output tile: those partial sums meet
+    # in the fp32 workspace and the last of the tile's programs stores it.
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    out_l: gl.constexpr = gl.BlockedLayout([1, OUT_VEC], [32 // OUT_TN, OUT_TN], [num_warps, 1], [1, 0])
+    # x runs AHEAD pairs ahead of the MMAs: a pair's stages are reloaded once its MMAs are done.
+    AHEAD: gl.constexpr = STAGES // 2 - 1
+
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    u = (pid * units) // programs
+    u_end = ((pid + 1) * units) // programs
+
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SUB], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(STAGES):
+        mbarrier.init(bars.index(b), count=1)
+    cols = gl.arange(0, SUB, layout=gl.SliceLayout(0, a_layout))
+    c = 0  # x slices consumed by this program: the ring's stage and phase
+    while u < u_end:
+        tile = u // n_tiles
+        t_start = u % n_tiles
+        t_end = gl.minimum(n_tiles, t_start + u_end - u)
+        u += t_end - t_start
+        pid_n = tile // blocks_m
+        m0 = (tile % blocks_m) * BLOCK_M
+        n_slices = (t_end - t_start) * 8
+        k_base = t_start * 8 * SUB
+        c0 = c
+        for b in gl.static_range(2 * AHEAD):
+            _issue_x(x_desc, x_smem, bars, m0, k_base, b, n_slices, c0, SUB, STAGES)
+
+        # words [BLOCK_N, SUB] straight into the A operand's register layout
+        rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout)), N - 1)
+        w_ptrs = w_ptr + gl.expand_dims(rows, 1) * Kw + gl.expand_dims(cols, 0)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+        words = gl.load(w_ptrs + t_start * SUB)
+        k0 = t_start * 8 * SUB
+        s0, o0 = _pair_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO)
+        s1, o1 = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        s2, o2 = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        s3, o3 = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        a0, a1 = _dq_pair(words, 0, s0, o0, HAS_ZERO)
+        for t in range(t_start, t_end):
+            # the next tile's words and scales (this tile's again at the end: finite, unused)
+            tn = gl.minimum(t + 1, t_end - 1)
+            nw = gl.load(w_ptrs + tn * SUB)
+            kn = tn * 8 * SUB
+            ns0, no0 = _pair_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO)
+            ns1, no1 = _pair_scales(s_ptr, o_ptr, kn + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            ns2, no2 = _pair_scales(s_ptr, o_ptr, kn + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            ns3, no3 = _pair_scales(s_ptr, o_ptr, kn + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            for p in gl.static_range(4):
+                mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1)
+                tok = warpgroup_mma(a0, x_smem.index(c % STAGES).permute((1, 0)), acc, is_async=True)
+                mbarrier.wait(bars.index((c + 1) % STAGES), ((c + 1) // STAGES) & 1)
+                tok = warpgroup_mma(a1, x_smem.index((c + 1) % STAGES).permute((1, 0)), tok, is_async=True)
+                # the previous pair is done (waited below): its stages take the pair AHEAD pairs on
+                j = c - c0 + 2 * AHEAD
+                _issue_x(x_desc, x_smem, bars, m0, k_base, j, n_slices, c0, SUB, STAGES)
+                _issue_x(x_desc, x_smem, bars, m0, k_base, j + 1, n_slices, c0, SUB, STAGES)
+                # dequantize the next pair while the tensor cores work on this one
+                if p == 0:
+                    b0, b1 = _dq_pair(words, 1, s1, o1, HAS_ZERO)
+                elif p == 1:
+                    b0, b1 = _dq_pair(words, 2, s2, o2, HAS_ZERO)
+                elif p == 2:
+                    b0, b1 = _dq_pair(words, 3, s3, o3, HAS_ZERO)
+                else:
+                    b0, b1 = _dq_pair(nw, 0, ns0, no0, HAS_ZERO)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
+                a0 = b0
+                a1 = b1
+                c += 2
+            words = nw
+            s0, s1, s2, s3 = ns0, ns1, ns2, ns3
+            o0, o1, o2, o3 = no0, no1, no2, no3
+
+        # y [M, N] is n-contiguous: transpose the tile and store it n-contiguous (coalesced)
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
+        m2 = gl.expand_dims(offs_m, 1)
+        n2 = gl.expand_dims(offs_n, 0)
+        mask = (n2 < N) & (m2 < M)
+        y_ptrs = y_ptr + m2 * stride_ym + n2
+        if t_end - t_start == n_tiles:
+            gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
+        else:
+            ws_ptrs = ws_ptr + m2 * N + n2
+            gl.atomic_add(ws_ptrs, gl.convert_layout(gl.permute(acc, (1, 0)), out_l), mask=mask, sem="relaxed")
+            gl.thread_barrier()
+            parts = _owner((tile + 1) * n_tiles - 1, units, programs) - _owner(tile * n_tiles, units, programs) + 1
+            if gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == parts - 1:
+                gl.thread_barrier()
+                total = gl.load(ws_ptrs, mask=mask, cache_modifier=".cg")
+                gl.store(y_ptrs, total.to(gl.float16), mask=mask)
+                gl.store(ws_ptrs, gl.zeros_like(total), mask=mask)
+                gl.atomic_xchg(cnt_ptr + tile, 0)
+            gl.thread_barrier()
+    for b in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(b))
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def default_programs(m: int, tiles: int, k_tiles: int, sms: int) -> int:
+    """The persistent grid, from bench/gluon_probe.py on an H100 (Llama-3-8B shapes).
+
+    Up to 64 tokens, stream-K over two programs per SM (one 98 KB program per 64 x 64 tile left
+    half the SMs idle or ran 1.7 waves): 1.14-1.46x cuBLAS at M = 64 on the three larger shapes,
+    against 0.84-1.19x for ``gemm_swap``. From 128 tokens, one program per tile (stream-K's partial
+    tiles cost more than the waves it evens out: 0.67-0.72x against 0.81-0.94x), two K-halves per
+    tile when K is long and the tiles do not fill the SMs (4096 x 14336: 1.00x against 0.83x).
+    """
+    if m <= 64:
+        return 2 * sms
+    return tiles * (2 if k_tiles >= 16 and tiles <= sms else 1)
+
+
+def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int = 128, stages: int = 6,
+               num_warps: int = 4, programs: int | None = None) -> torch.Tensor:
+    """``x @ W.T`` for fp16 ``x [M, K]`` on Hopper (K % 8 == 0 for TMA's 16-byte row stride).
+
+    ``programs``: the persistent grid, by default two per SM (two 98 KB programs fit one SM).
+    """
+    x2 = x.reshape(-1, w.in_features)
+    m, n = x2.shape[0], w.out_features
+    block_m = min(block_m, max(64, triton.next_power_of_2(m)))
+    sub = w.block_k // 8
+    layout = gl.NVMMASharedLayout.get_default_for([block_m, sub], gl.float16)
+    x_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, sub], layout)
+    blocks_m = triton.cdiv(m, block_m)
+    tiles = triton.cdiv(n, block_n) * blocks_m
+    units = tiles * w.n_tiles
+    if programs is None:
+        programs = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
+    programs = max(1, min(programs, units))
+    y = torch.empty((m, n), device=x.device, dtype=torch.float16)
+    ws, cnt = _workspace(x.device, m * n, tiles)
+    offsets = w.offsets if w.offsets is not None else w.scales
+    vec = 8 if block_n >= 256 else 4  # the epilogue's n-contiguous store layout
+    _gemm_wgmma_kernel[(programs, )](x_desc, w.qweight, w.scales, offsets, y, ws, cnt, m, n, w.qweight.shape[1],
+                                     y.stride(0), w.group_size, w.n_tiles, blocks_m, units,
+                                     HAS_ZERO=w.offsets is not None, BLOCK_N=block_n, BLOCK_M=block_m, SUB=sub,
+                                     STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec), num_warps=num_warps)
+    return y.reshape(*x.shape[:-1], n)

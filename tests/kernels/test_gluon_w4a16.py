@@ -1,0 +1,86 @@
+"""The Hopper wgmma kernel (kernels/gluon_w4a16.py) against the numpy reference.
+
+Gluon has no interpreter mode: the kernel cases run on an sm_90 GPU only and skip elsewhere; the
+dispatch rule that keeps every other machine off this path runs everywhere.
+"""
+
+import pytest
+from w4_helpers import HAS_CUDA, random_qweight, rel_err
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+from klaq.kernels.numpy_ref import reference_matmul  # noqa: E402
+from klaq.kernels.triton_w4a16 import repack, w4a16_matmul, wgmma_ok  # noqa: E402
+
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 (Hopper) GPU")
+
+
+def check(n, k, group_size, asym, m, seed=0, **config):
+    from klaq.kernels.gluon_w4a16 import gemm_wgmma
+
+    qw = random_qweight(n, k, group_size, asym, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).half()
+    w = repack(qw, "cuda")
+    y = gemm_wgmma(x.cuda(), w, **config)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
+    assert err < 2e-3, err
+    return w, x.cuda(), y
+
+
+def test_off_hopper_the_kernel_is_never_picked():
+    """CPU tensors, bf16, K not a multiple of 8: never the wgmma path; forcing it off Hopper is a
+    clear error."""
+    x = torch.randn(64, 576).half()
+    assert not wgmma_ok(x, 576) and not wgmma_ok(x.bfloat16(), 576) and not wgmma_ok(x[:, :570], 570)
+    if not HOPPER:
+        w = repack(random_qweight(40, 576, 64, False), "cuda" if HAS_CUDA else "cpu")
+        with pytest.raises(ValueError, match="sm_90"):
+            w4a16_matmul(x.to(w.qweight.device), w, kernel="wgmma")
+
+
+@hopper
+@pytest.mark.parametrize("n,k,group_size", [(300, 576, 128), (300, 576, 32), (576, 1536, 64), (576, 1536, 256),
+                                            (1000, 4096 + 64, 128), (4096, 4096, 128)])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("m", [17, 64, 100, 256])
+@pytest.mark.parametrize("programs", [None, 7, 1])
+def test_wgmma_shapes(n, k, group_size, asym, m, programs):
+    """Ragged K (576 at groups 128/256, 4096 + 64), N and M off the tiles; ``programs`` 7 and 1
+    give stream-K shares that start and end inside output tiles (partial sums, last arrival)."""
+    check(n, k, group_size, asym, m, seed=n + m, programs=programs)
+
+
+@hopper
+@pytest.mark.parametrize("block_m,stages", [(64, 4), (128, 6), (128, 8)])
+def test_wgmma_configs(block_m, stages):
+    check(1000, 4096 + 64, 128, True, 200, block_m=block_m, stages=stages, programs=11)
+
+
+@hopper
+def test_wgmma_partial_tiles_leave_the_workspace_clean():
+    from klaq.kernels.triton_w4a16 import _WORKSPACES
+
+    w, x, y = check(576, 1536, 64, True, 100, programs=5)  # at most 2 shares per tile: sums repeat exactly
+    from klaq.kernels.gluon_w4a16 import gemm_wgmma
+
+    assert torch.equal(y, gemm_wgmma(x, w, programs=5))
+    ws, counters = _WORKSPACES[x.device]
+    assert not ws.any() and not counters.any()
+
+
+@hopper
+@pytest.mark.parametrize("m", [17, 64, 256])
+def test_dispatch_takes_wgmma_on_hopper(m, monkeypatch):
+    """Default dispatch above M = 16 with fp16 on Hopper is the wgmma kernel."""
+    from klaq.kernels import gluon_w4a16
+
+    calls = []
+    real = gluon_w4a16.gemm_wgmma
+    monkeypatch.setattr(gluon_w4a16, "gemm_wgmma", lambda x, w: calls.append(x.shape) or real(x, w))
+    qw = random_qweight(576, 1536, 64, False)
+    x = torch.randn(m, 1536, generator=torch.Generator().manual_seed(m)).half()
+    y = w4a16_matmul(x.cuda(), repack(qw, "cuda"))
+    assert calls == [(m, 1536)]
+    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
