@@ -1,48 +1,68 @@
-"""One-off probe of kernels/gluon_w4a16.py on a Hopper GPU: correctness, then timing."""
-import sys, time, traceback
+"""Sweep launch configs of the Hopper wgmma kernel (kernels/gluon_w4a16.py) on the Llama-3-8B shapes.
+
+Each config is a Python dict literal of ``gemm_wgmma`` keyword arguments; every config is first
+checked against dequantize + cuBLAS on three shapes (failures are printed and dropped), then timed
+against cuBLAS fp16 and the default dispatch in one CUDA graph per case (bench/kernels.py's timing).
+
+    python bench/gluon_probe.py "dict()" "dict(programs=264)" "dict(block_m=64, stages=4)"
+"""
+
+import argparse
+import ast
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
-sys.path.insert(0, "bench")
-from kernels import random_qweight, graph_time_us, copies_for
-from klaq.kernels.triton_w4a16 import repack, dequantize, w4a16_matmul
-from klaq.kernels.gluon_w4a16 import gemm_wgmma
 
-torch.manual_seed(0)
-cfgs = [eval(c) for c in sys.argv[1:]] or [dict()]
-import os
-def check(n, k, m, **cfg):
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
+from klaq.kernels.gluon_w4a16 import gemm_wgmma  # noqa: E402
+from klaq.kernels.triton_w4a16 import dequantize, repack, w4a16_matmul  # noqa: E402
+
+SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]
+CHECKS = [(4096, 4096, 256), (576, 1536, 100), (200, 576, 64)]
+
+
+def check(n: int, k: int, m: int, cfg: dict) -> float:
     w = repack(random_qweight(n, k), "cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ref = F.linear(x, dequantize(w)).float()
-    y = gemm_wgmma(x, w, **cfg).float()
-    err = ((y - ref).abs().max() / ref.abs().max()).item()
-    return err
-good = []
-for cfg in cfgs:
-    good.append(cfg)
-    for (n, k, m) in [(4096, 4096, 256), (576, 1536, 100), (200, 576, 64)]:
+    return ((gemm_wgmma(x, w, **cfg).float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("configs", nargs="*", default=["dict()"], help="gemm_wgmma keyword arguments, as dict(...)")
+    ap.add_argument("--batches", default="64,128,256")
+    args = ap.parse_args()
+    configs = []
+    for text in args.configs:
+        call = ast.parse(text, mode="eval").body
+        cfg = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
         try:
-            t = time.time(); e = check(n, k, m, **cfg); print(f"check {cfg} {n}x{k} M={m}: rel err {e:.2e} ({time.time()-t:.1f}s)", flush=True)
-        except Exception as ex:
-            print(f"check {cfg} {n}x{k} M={m}: FAILED {type(ex).__name__}: {str(ex)[-1500:]}", flush=True)
-            good.pop()
-            break
-cfgs = good
-if not cfgs: sys.exit(1)
-for (n, k) in [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]:
-    qw = random_qweight(n, k)
-    ours = [repack(qw, "cuda") for _ in range(copies_for(n * k // 2))]
-    dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
-    for m in (64, 128, 256):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        t16 = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
-        tdq = graph_time_us([lambda w=w: w4a16_matmul(x, w) for w in ours])
-        line = f"{n}x{k} M={m} cublas {t16:.1f} default {tdq:.1f} ({t16/tdq:.2f}x)"
-        for cfg in cfgs:
-            try:
-                tg = graph_time_us([lambda w=w: gemm_wgmma(x, w, **cfg) for w in ours], reps=3)
-                line += f" | {cfg} {tg:.1f} ({t16/tg:.2f}x)"
-            except Exception as ex:
-                line += f" | {cfg} FAIL {type(ex).__name__}"
-        print(line, flush=True)
-    del ours, dense
+            for n, k, m in CHECKS:
+                t = time.time()
+                print(f"check {cfg} {n}x{k} M={m}: max rel err {check(n, k, m, cfg):.2e} ({time.time() - t:.1f} s)")
+            configs.append(cfg)
+        except Exception as ex:  # a config that does not compile or launch is reported, not fatal
+            print(f"check {cfg}: FAILED {type(ex).__name__}: {str(ex)[-1500:]}")
+    for n, k in SHAPES:
+        ours = [repack(random_qweight(n, k), "cuda") for _ in range(copies_for(n * k // 2))]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
+        for m in map(int, args.batches.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t16 = graph_time_us([partial(F.linear, x, w) for w in dense])
+            tdef = graph_time_us([partial(w4a16_matmul, x, w) for w in ours])
+            line = f"{n}x{k} M={m} cublas {t16:.1f} default {tdef:.1f} ({t16 / tdef:.2f}x)"
+            for cfg in configs:
+                tg = graph_time_us([partial(gemm_wgmma, x, w, **cfg) for w in ours], reps=3)
+                line += f" | {cfg} {tg:.1f} ({t16 / tg:.2f}x)"
+            print(line, flush=True)
+        del ours, dense
+
+
+if __name__ == "__main__":
+    main()
