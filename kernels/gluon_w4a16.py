@@ -98,8 +98,10 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                        OUT_TN: gl.constexpr, num_warps: gl.constexpr):
     # Stream-K: the output tiles' K-tiles ("units") are cut into equal shares, one per program, so
     # every SM gets the same work whatever the tile count (a plain grid of 64 x 128 tiles ran 1.7
-    # waves at 14336 x 4096). A share may start or end inside an output tile: those partial sums meet
-    # in the fp32 workspace and the last of the tile's programs stores it.
+    # waves at 14336 x 4096). A share may start or end inside an output tile: its partial sum goes to
+    # the program's own fp32 slot (first or last segment) with plain stores, and the tile's last
+    # program to arrive adds the others' slots in program order (deterministic: no float atomics;
+    # fp32 atomics into one buffer measured the same speed) and stores y.
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -110,6 +112,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     u = (pid * units) // programs
+    u_begin = u
     u_end = ((pid + 1) * units) // programs
 
     x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SUB], x_desc.layout)
@@ -122,6 +125,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         tile = u // n_tiles
         t_start = u % n_tiles
         t_end = gl.minimum(n_tiles, t_start + u_end - u)
+        u_seg = u
         u += t_end - t_start
         pid_n = tile // blocks_m
         m0 = (tile % blocks_m) * BLOCK_M
@@ -187,15 +191,26 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         if t_end - t_start == n_tiles:
             gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
         else:
-            ws_ptrs = ws_ptr + m2 * N + n2
-            gl.atomic_add(ws_ptrs, gl.convert_layout(gl.permute(acc, (1, 0)), out_l), mask=mask, sem="relaxed")
+            # partial sums in the program's own slot (plain stores); the tile's last program adds the
+            # other shares' slots in program order (deterministic) and stores y
+            part = gl.convert_layout(gl.permute(acc, (1, 0)), out_l)
+            loc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l)), 1) * BLOCK_N + \
+                gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l)), 0)
+            slot = 1 - (u_seg == u_begin).to(gl.int32)  # a share's first segment, or its last
+            gl.store(ws_ptr + (pid * 2 + slot) * (BLOCK_M * BLOCK_N) + loc, part)
             gl.thread_barrier()
-            parts = _owner((tile + 1) * n_tiles - 1, units, programs) - _owner(tile * n_tiles, units, programs) + 1
-            if gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == parts - 1:
+            q0 = _owner(tile * n_tiles, units, programs)
+            q1 = _owner((tile + 1) * n_tiles - 1, units, programs)
+            if gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == q1 - q0:
                 gl.thread_barrier()
-                total = gl.load(ws_ptrs, mask=mask, cache_modifier=".cg")
+                total = gl.zeros_like(part)
+                for q in range(q0, q1 + 1):
+                    if q == pid:
+                        total += part
+                    else:
+                        qs = 1 - ((q * units // programs) // n_tiles == tile).to(gl.int32)
+                        total += gl.load(ws_ptr + (q * 2 + qs) * (BLOCK_M * BLOCK_N) + loc, cache_modifier=".cg")
                 gl.store(y_ptrs, total.to(gl.float16), mask=mask)
-                gl.store(ws_ptrs, gl.zeros_like(total), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
             gl.thread_barrier()
     for b in gl.static_range(STAGES):
@@ -203,6 +218,15 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
 
 
 _SMS: dict = {}
+_SLOTS: dict = {}
+
+
+def _slots(device, floats: int) -> torch.Tensor:
+    """Stream-K partial sums: two fp32 tiles per program, written before they are read in a call."""
+    buf = _SLOTS.get(device)
+    if buf is None or buf.numel() < floats:
+        buf = _SLOTS[device] = torch.empty(floats, device=device)
+    return buf
 
 
 def _sm_count(device) -> int:
@@ -244,11 +268,13 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int = 1
         programs = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
     programs = max(1, min(programs, units))
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)
-    ws, cnt = _workspace(x.device, m * n, tiles)
+    _, cnt = _workspace(x.device, 0, tiles)  # per-tile arrival counters, zero between calls
+    ws = _slots(x.device, 2 * programs * block_m * block_n)
     offsets = w.offsets if w.offsets is not None else w.scales
     vec = 8 if block_n >= 256 else 4  # the epilogue's n-contiguous store layout
     _gemm_wgmma_kernel[(programs, )](x_desc, w.qweight, w.scales, offsets, y, ws, cnt, m, n, w.qweight.shape[1],
                                      y.stride(0), w.group_size, w.n_tiles, blocks_m, units,
                                      HAS_ZERO=w.offsets is not None, BLOCK_N=block_n, BLOCK_M=block_m, SUB=sub,
-                                     STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec), num_warps=num_warps)
+                                     STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec),
+                                     num_warps=num_warps)
     return y.reshape(*x.shape[:-1], n)

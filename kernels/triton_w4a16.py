@@ -41,9 +41,9 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
 
-Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.4-2.9x cuBLAS fp16 on
+Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.3-2.9x cuBLAS fp16 on
 Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
-0.8-1.2x; M = 256 0.5-0.6x.
+0.8-1.2x (0.9-1.4x with ``wgmma``); M = 256 0.5-0.6x (0.8-0.94x with ``wgmma``).
 """
 
 from __future__ import annotations
@@ -664,6 +664,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
       dequantized in half2: 0.8-1.2x at M = 64 (0.7-1.0x with the fp32 dequant; ``gemm`` 0.5-0.65x).
+    * On Hopper with fp16 activations, M > 16 goes to ``wgmma`` instead (see w4a16_matmul).
     * M > 128: ``dequant`` + cuBLAS, 0.5-0.6x at M = 256; every fused variant swept (``gemm``,
       ``gemm_swap``, and a ``gemm_swap`` staging x one K-slice per pipelined step, since removed)
       stayed at or below 0.47x there, with half2 dequantization too.
