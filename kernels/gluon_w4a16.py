@@ -51,29 +51,31 @@ def _half2(a, b):
 
 @gluon.jit
 def _pair_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr):
-    """Half2 scales (and -offsets) ``[BLOCK_N, 1]`` of the two slices from code ``k0``."""
+    """Raw scales (and offsets) ``[BLOCK_N]`` of the two slices from code ``k0``.
+
+    Kept as loaded until :func:`_dq_pair` packs them: packing at the load would stall on its latency.
+    Symmetric weights have no offsets: the scales stand in (the _SYM assembly ignores them).
+    """
     ga = k0 // group_size
     gb = (k0 + SUB) // group_size
     sa = gl.load(s_ptr + ga * N + s_rows)
     sb = gl.load(s_ptr + gb * N + s_rows)
-    s2 = gl.expand_dims(_half2(sa, sb), 1)
     if HAS_ZERO:
-        o2 = gl.expand_dims(_half2(-gl.load(o_ptr + ga * N + s_rows), -gl.load(o_ptr + gb * N + s_rows)), 1)
-    else:
-        o2 = s2
-    return s2, o2
+        return sa, sb, gl.load(o_ptr + ga * N + s_rows), gl.load(o_ptr + gb * N + s_rows)
+    return sa, sb, sa, sb
 
 
 @gluon.jit
-def _dq_pair(words, p: gl.constexpr, s2, o2, HAS_ZERO: gl.constexpr):
-    """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 A operands."""
+def _dq_pair(words, p: gl.constexpr, sa, sb, oa, ob, HAS_ZERO: gl.constexpr):
+    """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 operands."""
     z = gl.zeros_like(words)
-    args = [words >> (4 * p), s2 + z, o2 + z]
+    s2 = gl.expand_dims(_half2(sa, sb), 1) + z
     if HAS_ZERO:
+        args = [words >> (4 * p), s2, gl.expand_dims(_half2(-oa, -ob), 1) + z]
         return gl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(gl.float16, gl.float16), is_pure=True,
                                          pack=1)
-    return gl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", args, dtype=(gl.float16, gl.float16), is_pure=True,
-                                     pack=1)
+    return gl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", [words >> (4 * p), s2, s2],
+                                     dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -141,20 +143,20 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         words = gl.load(w_ptrs + t_start * SUB)
         k0 = t_start * 8 * SUB
-        s0, o0 = _pair_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO)
-        s1, o1 = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-        s2, o2 = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-        s3, o3 = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-        a0, a1 = _dq_pair(words, 0, s0, o0, HAS_ZERO)
+        s0a, s0b, o0a, o0b = _pair_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO)
+        s1a, s1b, o1a, o1b = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        s2a, s2b, o2a, o2b = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        s3a, s3b, o3a, o3b = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        a0, a1 = _dq_pair(words, 0, s0a, s0b, o0a, o0b, HAS_ZERO)
         for t in range(t_start, t_end):
             # the next tile's words and scales (this tile's again at the end: finite, unused)
             tn = gl.minimum(t + 1, t_end - 1)
             nw = gl.load(w_ptrs + tn * SUB)
             kn = tn * 8 * SUB
-            ns0, no0 = _pair_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO)
-            ns1, no1 = _pair_scales(s_ptr, o_ptr, kn + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-            ns2, no2 = _pair_scales(s_ptr, o_ptr, kn + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-            ns3, no3 = _pair_scales(s_ptr, o_ptr, kn + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            ns0a, ns0b, no0a, no0b = _pair_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO)
+            ns1a, ns1b, no1a, no1b = _pair_scales(s_ptr, o_ptr, kn + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            ns2a, ns2b, no2a, no2b = _pair_scales(s_ptr, o_ptr, kn + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            ns3a, ns3b, no3a, no3b = _pair_scales(s_ptr, o_ptr, kn + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
             for p in gl.static_range(4):
                 mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1)
                 tok = warpgroup_mma(a0, x_smem.index(c % STAGES).permute((1, 0)), acc, is_async=True)
@@ -166,20 +168,20 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                 _issue_x(x_desc, x_smem, bars, m0, k_base, j + 1, n_slices, c0, SUB, STAGES)
                 # dequantize the next pair while the tensor cores work on this one
                 if p == 0:
-                    b0, b1 = _dq_pair(words, 1, s1, o1, HAS_ZERO)
+                    b0, b1 = _dq_pair(words, 1, s1a, s1b, o1a, o1b, HAS_ZERO)
                 elif p == 1:
-                    b0, b1 = _dq_pair(words, 2, s2, o2, HAS_ZERO)
+                    b0, b1 = _dq_pair(words, 2, s2a, s2b, o2a, o2b, HAS_ZERO)
                 elif p == 2:
-                    b0, b1 = _dq_pair(words, 3, s3, o3, HAS_ZERO)
+                    b0, b1 = _dq_pair(words, 3, s3a, s3b, o3a, o3b, HAS_ZERO)
                 else:
-                    b0, b1 = _dq_pair(nw, 0, ns0, no0, HAS_ZERO)
+                    b0, b1 = _dq_pair(nw, 0, ns0a, ns0b, no0a, no0b, HAS_ZERO)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
                 a0 = b0
                 a1 = b1
                 c += 2
             words = nw
-            s0, s1, s2, s3 = ns0, ns1, ns2, ns3
-            o0, o1, o2, o3 = no0, no1, no2, no3
+            s0a, s0b, s1a, s1b, s2a, s2b, s3a, s3b = ns0a, ns0b, ns1a, ns1b, ns2a, ns2b, ns3a, ns3b
+            o0a, o0b, o1a, o1b, o2a, o2b, o3a, o3b = no0a, no0b, no1a, no1b, no2a, no2b, no3a, no3b
 
         # y [M, N] is n-contiguous: transpose the tile and store it n-contiguous (coalesced)
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
@@ -278,3 +280,4 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int = 1
                                      STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec),
                                      num_warps=num_warps)
     return y.reshape(*x.shape[:-1], n)
+
