@@ -84,3 +84,19 @@ def test_dispatch_takes_wgmma_on_hopper(m, monkeypatch):
     y = w4a16_matmul(x.cuda(), repack(qw, "cuda"))
     assert calls == [(m, 1536)]
     assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
+
+
+def test_default_tiles_and_grid():
+    """The launch rules as measured on an H100 (132 SMs): 64-token tiles for up to 64 tokens, and
+    up to 128 when 128-token tiles would fill at most half the SMs; stream-K below 65 tokens, one
+    program per tile above, two K-halves per tile when K is long and the tiles do not fill the SMs."""
+    gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
+
+    assert gluon_w4a16.default_block_m(17, 4096, 132) == 64
+    assert gluon_w4a16.default_block_m(128, 4096, 132) == 64
+    assert gluon_w4a16.default_block_m(128, 14336, 132) == 128
+    assert gluon_w4a16.default_block_m(256, 4096, 132) == 128
+    assert gluon_w4a16.default_programs(64, 64, 8, 132) == 264
+    assert gluon_w4a16.default_programs(256, 128, 8, 132) == 128
+    assert gluon_w4a16.default_programs(256, 128, 28, 132) == 256
+    assert gluon_w4a16.default_programs(256, 448, 28, 132) == 448
