@@ -66,6 +66,16 @@ def _pair_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS
 
 
 @gluon.jit
+def _tile_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr):
+    """The raw scales / offsets of a tile's 4 pairs (:func:`_pair_scales`), as one 16-tuple."""
+    s0a, s0b, o0a, o0b = _pair_scales(s_ptr, o_ptr, k0, SUB, s_rows, N, group_size, HAS_ZERO)
+    s1a, s1b, o1a, o1b = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, s_rows, N, group_size, HAS_ZERO)
+    s2a, s2b, o2a, o2b = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, s_rows, N, group_size, HAS_ZERO)
+    s3a, s3b, o3a, o3b = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, s_rows, N, group_size, HAS_ZERO)
+    return s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a, o3b
+
+
+@gluon.jit
 def _dq_pair(words, p: gl.constexpr, sa, sb, oa, ob, HAS_ZERO: gl.constexpr):
     """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 operands."""
     z = gl.zeros_like(words)
@@ -143,20 +153,16 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         words = gl.load(w_ptrs + t_start * SUB)
         k0 = t_start * 8 * SUB
-        s0a, s0b, o0a, o0b = _pair_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO)
-        s1a, s1b, o1a, o1b = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-        s2a, s2b, o2a, o2b = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-        s3a, s3b, o3a, o3b = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+        (s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a,
+         o3b) = _tile_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO)
         a0, a1 = _dq_pair(words, 0, s0a, s0b, o0a, o0b, HAS_ZERO)
         for t in range(t_start, t_end):
             # the next tile's words and scales (this tile's again at the end: finite, unused)
             tn = gl.minimum(t + 1, t_end - 1)
             nw = gl.load(w_ptrs + tn * SUB)
             kn = tn * 8 * SUB
-            ns0a, ns0b, no0a, no0b = _pair_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO)
-            ns1a, ns1b, no1a, no1b = _pair_scales(s_ptr, o_ptr, kn + 2 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-            ns2a, ns2b, no2a, no2b = _pair_scales(s_ptr, o_ptr, kn + 4 * SUB, SUB, rows, N, group_size, HAS_ZERO)
-            ns3a, ns3b, no3a, no3b = _pair_scales(s_ptr, o_ptr, kn + 6 * SUB, SUB, rows, N, group_size, HAS_ZERO)
+            (ns0a, ns0b, no0a, no0b, ns1a, ns1b, no1a, no1b, ns2a, ns2b, no2a, no2b, ns3a, ns3b, no3a,
+             no3b) = _tile_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO)
             for p in gl.static_range(4):
                 mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1)
                 tok = warpgroup_mma(a0, x_smem.index(c % STAGES).permute((1, 0)), acc, is_async=True)
