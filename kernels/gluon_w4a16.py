@@ -32,15 +32,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from klaq.kernels.triton_w4a16 import _DQ_ASYM as _TL_DQ_ASYM
+from klaq.kernels.triton_w4a16 import _DQ_SYM as _TL_DQ_SYM
 from klaq.kernels.triton_w4a16 import TritonW4, _workspace
 
 # Two slices of a word (shifted so their codes sit in bits 0-3 and 16-19) into the fp16 weights
-# ``q * s - o`` (one rounding): LOP3 makes the half2 1024 + q, then subtract and multiply (symmetric,
-# (q - 8) * s) or FMA with -o.
-_DQ_SYM = gl.constexpr("{\n.reg .b32 t, m;\nmov.b32 m, 0x64086408;\nlop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;\n"
-                       "sub.f16x2 t, t, m;\nmul.f16x2 t, t, $3;\nmov.b32 {$0, $1}, t;\n}\n")
-_DQ_ASYM = gl.constexpr("{\n.reg .b32 t, m;\nmov.b32 m, 0x64006400;\nlop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;\n"
-                        "sub.f16x2 t, t, m;\nfma.rn.f16x2 t, t, $3, $4;\nmov.b32 {$0, $1}, t;\n}\n")
+# ``q * s - o`` (one rounding): the same PTX as triton_w4a16's GEMMs.
+_DQ_SYM = gl.constexpr(_TL_DQ_SYM.value)
+_DQ_ASYM = gl.constexpr(_TL_DQ_ASYM.value)
 
 
 @gluon.jit
