@@ -49,6 +49,7 @@ Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -768,7 +769,14 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if kind == "gemv_h2" and x.dtype != torch.float16:
         raise ValueError("gemv_h2 takes fp16 activations")
     if kind in ("gemm_swap", "dequant") and kernel is None and wgmma_ok(x2, k):
-        kind = "wgmma"  # M > 16 on Hopper: 1.1-1.5x at M = 64, 0.8-0.95x at M = 256 (bench/kernels.py)
+        # M > 16 on Hopper: 1.1-1.4x at M = 64, 0.8-0.94x at M = 256 (bench/kernels.py). A Triton whose
+        # Gluon cannot build it (another version's API) falls back to the Triton GEMMs, once, with a warning.
+        try:
+            return _GLUON[0].gemm_wgmma(x2, w).reshape(*lead, n)
+        except Exception as exc:  # noqa: BLE001 - any build or launch failure of the optional kernel
+            warnings.warn(f"the Hopper wgmma kernel is unavailable here ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "using the Triton GEMMs", RuntimeWarning, stacklevel=2)
+            _GLUON[0] = None
     if kind == "wgmma":
         if not wgmma_ok(x2, k):
             raise ValueError("the wgmma kernel needs fp16 activations on an sm_90 GPU, K % 8 == 0 and Triton's Gluon")

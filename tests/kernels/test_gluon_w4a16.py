@@ -100,3 +100,29 @@ def test_default_tiles_and_grid():
     assert gluon_w4a16.default_programs(256, 128, 8, 132) == 128
     assert gluon_w4a16.default_programs(256, 128, 28, 132) == 256
     assert gluon_w4a16.default_programs(256, 448, 28, 132) == 448
+
+
+def test_a_gluon_that_cannot_build_falls_back_once(monkeypatch):
+    """Where the Hopper kernel fails to build or launch (another Triton's Gluon API), the call
+    warns, takes the Triton GEMM and never tries the kernel again in this process."""
+    from klaq.kernels import triton_w4a16
+
+    class Broken:
+        calls = 0
+
+        @classmethod
+        def gemm_wgmma(cls, x, w):
+            cls.calls += 1
+            raise RuntimeError("no such Gluon op")
+
+    monkeypatch.setattr(triton_w4a16, "_GLUON", [Broken])
+    monkeypatch.setattr(triton_w4a16, "wgmma_ok", lambda x, k: triton_w4a16._GLUON[0] is not None)
+    device = "cuda" if HAS_CUDA else "cpu"
+    qw = random_qweight(40, 576, 64, False)
+    w = repack(qw, device)
+    x = torch.randn(24, 576, generator=torch.Generator().manual_seed(1)).half()
+    with pytest.warns(RuntimeWarning, match="wgmma kernel is unavailable"):
+        y = w4a16_matmul(x.to(device), w)
+    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
+    w4a16_matmul(x.to(device), w)
+    assert Broken.calls == 1 and triton_w4a16._GLUON == [None]
