@@ -11,6 +11,7 @@ winners can be read into :func:`klaq.kernels.triton_w4a16.default_config`.
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import sys
@@ -61,7 +62,10 @@ def main():
     ap.add_argument("--shapes", default="all", choices=["all", "llama", "smollm"])
     ap.add_argument("--block-k", default="128,512", help="repack tiles to try")
     ap.add_argument("--kernels", help="only these kernels, comma-separated (default: all)")
+    ap.add_argument("--configs", help="a Python list of config dicts to time instead of the grid, "
+                    "e.g. \"[{'kernel': 'gemv_h2', 'block_n': 8, 'tiles': 8, 's_ahead': True}]\"")
     args = ap.parse_args()
+    listed = None if args.configs is None else ast.literal_eval(args.configs)
     only = set(args.kernels.split(",")) if args.kernels else None
     shapes = {"all": LLAMA3_8B + SMOLLM2, "llama": LLAMA3_8B, "smollm": SMOLLM2}[args.shapes]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -85,7 +89,8 @@ def main():
                 ref = F.linear(x, w16).float()
                 t16 = graph_time_us([partial(F.linear, x, w) for w in dense])
                 best = None
-                for cfg in [{}] + [c for c in configs(m) if only is None or c["kernel"] in only]:
+                grid = listed if listed is not None else configs(m)
+                for cfg in [{}] + [c for c in grid if only is None or c["kernel"] in only]:
                     try:
                         err = ((w4a16_matmul(x, base, **cfg).float() - ref).norm() / ref.norm()).item()
                         t = graph_time_us([partial(w4a16_matmul, x, w, **cfg) for w in ours], reps=3)

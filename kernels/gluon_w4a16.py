@@ -272,6 +272,8 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
     ``block_m``: tokens per tile (:func:`default_block_m`); ``programs``: the persistent grid
     (:func:`default_programs`).
     """
+    if stages < 4:  # STAGES // 2 - 1 pairs of x slices in flight: none would leave the first wait hanging
+        raise ValueError(f"stages must be at least 4, got {stages}")
     x2 = x.reshape(-1, w.in_features)
     m, n = x2.shape[0], w.out_features
     if block_m is None:

@@ -377,7 +377,8 @@ def _x_pair(x_ptr, tt, live, p: tl.constexpr, j3, K, SUB: tl.constexpr, EVEN_K: 
 def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                     group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                     TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                    PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True, X_AHEAD: tl.constexpr = False):
+                    PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True, X_AHEAD: tl.constexpr = False,
+                    S_AHEAD: tl.constexpr = False):
     # M = 1, fp16 activations. Each step takes TILES K-tiles of BLOCK_N rows ([BLOCK_N, TILES, SUB]
     # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
     # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
@@ -413,6 +414,11 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
             na2, nb2 = _x_pair(x_ptr, ttn, ttn < t_end, 2, j3, K, SUB, EVEN_K)
             na3, nb3 = _x_pair(x_ptr, ttn, ttn < t_end, 3, j3, K, SUB, EVEN_K)
         kg = tl.minimum(tt, t_end - 1) * (8 * SUB)  # a dead tile reads a live tile's (finite) scales
+        if S_AHEAD:  # all four pairs' scales issued with the words, before any arithmetic
+            sc0 = _pair_scales(s_ptr, o_ptr, kg, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
+            sc1 = _pair_scales(s_ptr, o_ptr, kg + 2 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
+            sc2 = _pair_scales(s_ptr, o_ptr, kg + 4 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
+            sc3 = _pair_scales(s_ptr, o_ptr, kg + 6 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
         if COLSUM:
             w0, w1, w2, w3 = _quarters(w)
             v0, v1, v2, v3 = w0 >> 8, w1 >> 8, w2 >> 8, w3 >> 8  # pairs 2, 3 at pairs 0, 1's bits
@@ -432,8 +438,17 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                 xa, xb = xa2, xb2
             else:
                 xa, xb = xa3, xb3
-            sa, sb, noa, nob = _pair_scales(s_ptr, o_ptr, kg + 2 * p * SUB, n3, N, group_size, SUB, HAS_ZERO,
-                                            PAIR_GROUP)
+            if not S_AHEAD:
+                sa, sb, noa, nob = _pair_scales(s_ptr, o_ptr, kg + 2 * p * SUB, n3, N, group_size, SUB, HAS_ZERO,
+                                                PAIR_GROUP)
+            elif p == 0:
+                sa, sb, noa, nob = sc0
+            elif p == 1:
+                sa, sb, noa, nob = sc1
+            elif p == 2:
+                sa, sb, noa, nob = sc2
+            else:
+                sa, sb, noa, nob = sc3
             if COLSUM:
                 z = tl.zeros_like(acc2)
                 x0, x1, x2, x3 = _quarters(_half2(xa * 0.5, xb * 0.5))
@@ -685,10 +700,16 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.4-2.9x cuBLAS on Llama-3-8B
       shapes (symmetric weights) where the fp32 ``gemv`` reached 1.6-1.8x. Narrow row blocks and
       wide steps over split-K: 8 rows x 4 K-tiles per program at N = 4096, 16 x 4 at 6144, 32 x 2
-      from 8192 rows or K >= 8192, split-K 4 only for long K with N <= 4096; each within 4% of the
+      from 8192 rows or K >= 8192 (14336 x 4096 with ``s_ahead``: 32 x 2 16.5 / 15.8 us, 16 x 4
+      15.4 / 16.2 us in two runs), split-K 4 only for long K with N <= 4096; each within 4% of the
       shape's best of 96 configs (bench/kernel_sweep.py --kernels gemv_h2). x for the next step is
       loaded at the top of the current one (``x_ahead``): 6144 x 4096 9.1 -> 8.5 us, the other
-      Llama shapes within 3% (H100, two runs each). bf16 activations take the ``gemv``.
+      Llama shapes within 3% (H100, two runs each). A step's four pairs of scales are loaded with its
+      words, before any arithmetic (``s_ahead``): 4096 x 4096 7.34 -> 6.87 and 7.42 -> 7.03 us,
+      14336 x 4096 17.1 -> 15.8 us, 6144 x 4096 1-3% (two H100 runs); long K (4096 x 14336,
+      split-K) 1-2% slower, so not there. Not kept (same runs): the next step's words loaded early
+      in registers (7-60% slower) and a TMA prefetch of the program's words into L2 (5-35% slower).
+      bf16 activations take the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
@@ -706,7 +727,8 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
             long_k = k >= 8192
             block_n = 32 if long_k or n >= 8192 else 16 if n > 4096 else 8
             return dict(kernel="gemv_h2", block_n=block_n, tiles=2 if block_n == 32 else 4,
-                        split=4 if long_k and n <= 4096 else 1, num_warps=4, num_stages=1, x_ahead=True)
+                        split=4 if long_k and n <= 4096 else 1, num_warps=4, num_stages=1, x_ahead=True,
+                        s_ahead=not long_k)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)
@@ -739,7 +761,8 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, tiles: int | None = None,
-                 h2: bool | None = None, x_ahead: bool | None = None) -> torch.Tensor:
+                 h2: bool | None = None, x_ahead: bool | None = None,
+                 s_ahead: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_h2`` (M = 1, fp16, half2 arithmetic;
@@ -758,7 +781,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if cfg["kernel"] == "gemv" and block_m is None:
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
-                         num_stages=num_stages, tiles=tiles, h2=h2, x_ahead=x_ahead).items():
+                         num_stages=num_stages, tiles=tiles, h2=h2, x_ahead=x_ahead,
+                         s_ahead=s_ahead).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -805,7 +829,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
             *args, TILES=step, PAIR_GROUP=pair_group, ASM=not _INTERPRET, X_AHEAD=bool(cfg.get("x_ahead", False)),
-            **meta)
+            S_AHEAD=bool(cfg.get("s_ahead", False)), **meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
     else:

@@ -102,6 +102,16 @@ def test_default_tiles_and_grid():
     assert gluon_w4a16.default_programs(256, 448, 28, 132) == 448
 
 
+@pytest.mark.parametrize("stages", [0, 2, 3])
+def test_too_few_stages_is_refused_before_launch(stages):
+    """Under 4 stages no x slice is in flight when the first MMA waits: the kernel would hang, so
+    the launcher refuses before touching a device (this runs on CPU too)."""
+    gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
+    w = repack(random_qweight(64, 512, 128, False), "cpu")
+    with pytest.raises(ValueError, match="stages must be at least 4"):
+        gluon_w4a16.gemm_wgmma(torch.zeros(64, 512, dtype=torch.float16), w, stages=stages)
+
+
 def test_a_gluon_that_cannot_build_falls_back_once(monkeypatch):
     """Where the Hopper kernel fails to build or launch (another Triton's Gluon API), the call
     warns, takes the Triton GEMM and never tries the kernel again in this process."""

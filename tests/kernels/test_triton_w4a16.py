@@ -75,7 +75,8 @@ def test_wide_swap_and_dequant_paths(kernel, m, config, asym, dtype):
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("config", [dict(block_n=16), dict(block_n=8, split=3), dict(block_n=8, split=2, tiles=2), dict(block_n=8, tiles=4),
-                                    dict(block_n=8, split=2, tiles=2, x_ahead=True), dict(block_n=8, tiles=4, x_ahead=True)],
+                                    dict(block_n=8, split=2, tiles=2, x_ahead=True), dict(block_n=8, tiles=4, x_ahead=True),
+                                    dict(block_n=8, split=2, tiles=2, x_ahead=True, s_ahead=True)],
                          ids=str)
 def test_gemv_h2(group_size, asym, config):
     """The half2 GEMV (M = 1, fp16): K = 576 is ragged at groups 128 and 256, N = 40 against any tile.
@@ -86,14 +87,17 @@ def test_gemv_h2(group_size, asym, config):
 
 
 @pytest.mark.parametrize("asym", [False, True])
-def test_gemv_h2_x_ahead_is_the_same_sum(asym):
-    """Loading the next step's x early changes when x arrives, not the arithmetic: equal outputs."""
+@pytest.mark.parametrize("ahead", [dict(x_ahead=True), dict(s_ahead=True), dict(x_ahead=True, s_ahead=True)], ids=str)
+def test_gemv_h2_loads_ahead_are_the_same_sum(asym, ahead):
+    """Loading the next step's x, or a step's four pairs of scales, before any arithmetic changes when
+    they arrive, not the sums: outputs equal bit for bit (K = 4160: steps of 2 tiles, the last ragged)."""
     qw = random_qweight(24, 4096 + 64, 128, asym=asym, seed=7)
     x = torch.randn(1, 4096 + 64, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
     w = repack(qw, DEVICE)
-    for cfg in (dict(block_n=8, tiles=4), dict(block_n=8, tiles=2, split=3)):
-        assert torch.equal(w4a16_matmul(x, w, kernel="gemv_h2", x_ahead=True, **cfg),
-                           w4a16_matmul(x, w, kernel="gemv_h2", x_ahead=False, **cfg))
+    for cfg in (dict(block_n=8, tiles=4), dict(block_n=8, tiles=2, split=3), dict(block_n=8, tiles=2)):
+        plain = dict(x_ahead=False, s_ahead=False)
+        assert torch.equal(w4a16_matmul(x, w, kernel="gemv_h2", **cfg, **{**plain, **ahead}),
+                           w4a16_matmul(x, w, kernel="gemv_h2", **cfg, **plain))
 
 
 @pytest.mark.parametrize("asym", [False, True])
