@@ -699,10 +699,11 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       cuBLAS, where the split-K GEMV took 4.0-4.8 us (its atomics and tile counter are latency).
     * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.4-2.9x cuBLAS on Llama-3-8B
       shapes (symmetric weights) where the fp32 ``gemv`` reached 1.6-1.8x. Narrow row blocks and
-      wide steps over split-K: 8 rows x 4 K-tiles per program at N = 4096, 16 x 4 at 6144, 32 x 2
-      from 8192 rows or K >= 8192 (14336 x 4096 with ``s_ahead``: 32 x 2 16.5 / 15.8 us, 16 x 4
-      15.4 / 16.2 us in two runs), split-K 4 only for long K with N <= 4096; each within 4% of the
-      shape's best of 96 configs (bench/kernel_sweep.py --kernels gemv_h2). x for the next step is
+      wide steps over split-K: 8 rows x 2 K-tiles per program up to N = 4096, 16 x 4 above, 32 x 2
+      for K >= 8192, split-K 4 only for long K with N <= 4096; each within 4% of the shape's best
+      of 96 configs (bench/kernel_sweep.py --kernels gemv_h2), then re-chosen with ``s_ahead`` over
+      four H100 runs: 4096 x 4096 8 x 2 6.66-6.79 us against 8 x 4 6.80-7.07, 14336 x 4096 16 x 4
+      15.3-16.2 us against 32 x 2 15.8-16.6. x for the next step is
       loaded at the top of the current one (``x_ahead``): 6144 x 4096 9.1 -> 8.5 us, the other
       Llama shapes within 3% (H100, two runs each). A step's four pairs of scales are loaded with its
       words, before any arithmetic (``s_ahead``): 4096 x 4096 7.34 -> 6.87 and 7.42 -> 7.03 us,
@@ -725,10 +726,9 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
                         num_stages=1)
         if dtype == torch.float16:
             long_k = k >= 8192
-            block_n = 32 if long_k or n >= 8192 else 16 if n > 4096 else 8
-            return dict(kernel="gemv_h2", block_n=block_n, tiles=2 if block_n == 32 else 4,
-                        split=4 if long_k and n <= 4096 else 1, num_warps=4, num_stages=1, x_ahead=True,
-                        s_ahead=not long_k)
+            block_n, tiles = (32, 2) if long_k else (16, 4) if n > 4096 else (8, 2)
+            return dict(kernel="gemv_h2", block_n=block_n, tiles=tiles, split=4 if long_k and n <= 4096 else 1,
+                        num_warps=4, num_stages=1, x_ahead=True, s_ahead=not long_k)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)

@@ -151,6 +151,22 @@ def test_default_config_bf16_batch1_takes_the_fp32_gemv():
     assert default_config(1, 4096, 4096, torch.float16)["kernel"] == "gemv_h2"
 
 
+@pytest.mark.parametrize("n,k,launch", [
+    (4096, 4096, dict(block_n=8, tiles=2, split=1, s_ahead=True)),
+    (6144, 4096, dict(block_n=16, tiles=4, split=1, s_ahead=True)),
+    (14336, 4096, dict(block_n=16, tiles=4, split=1, s_ahead=True)),
+    (4096, 14336, dict(block_n=32, tiles=2, split=4, s_ahead=False)),
+])
+def test_gemv_h2_launch_table(n, k, launch):
+    """M = 1 launch parameters on the Llama-3-8B shapes, as chosen on an H100 (default_config's
+    docstring has the times): a changed rule must be re-measured, not slipped in."""
+    from klaq.kernels.triton_w4a16 import default_config
+
+    cfg = default_config(1, n, k)
+    assert cfg["kernel"] == "gemv_h2" and cfg["x_ahead"] and cfg["num_warps"] == 4
+    assert {key: cfg[key] for key in launch} == launch
+
+
 def test_long_ragged_k():
     check(16, 4096 + 64, 128, True, 1, kernel="gemv", block_n=16)
     check(16, 4096 + 64, 128, True, 1, kernel="gemv_h2", block_n=16)
