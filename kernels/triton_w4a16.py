@@ -697,20 +697,19 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
 
     * M = 1, small layers (N * K < 4M, SmolLM2's): ``gemv_wide``, no split-K: 2.4-3.4 us, 1.35-1.5x
       cuBLAS, where the split-K GEMV took 4.0-4.8 us (its atomics and tile counter are latency).
-    * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.4-2.9x cuBLAS on Llama-3-8B
+    * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.5-3.1x cuBLAS on Llama-3-8B
       shapes (symmetric weights) where the fp32 ``gemv`` reached 1.6-1.8x. Narrow row blocks and
       wide steps over split-K: 8 rows x 2 K-tiles per program up to N = 4096, 16 x 4 above, 32 x 2
-      for K >= 8192, split-K 4 only for long K with N <= 4096; each within 4% of the shape's best
-      of 96 configs (bench/kernel_sweep.py --kernels gemv_h2), then re-chosen with ``s_ahead`` over
-      four H100 runs: 4096 x 4096 8 x 2 6.66-6.79 us against 8 x 4 6.80-7.07, 14336 x 4096 16 x 4
-      15.3-16.2 us against 32 x 2 15.8-16.6. x for the next step is
-      loaded at the top of the current one (``x_ahead``): 6144 x 4096 9.1 -> 8.5 us, the other
-      Llama shapes within 3% (H100, two runs each). A step's four pairs of scales are loaded with its
-      words, before any arithmetic (``s_ahead``): 4096 x 4096 7.34 -> 6.87 and 7.42 -> 7.03 us,
-      14336 x 4096 17.1 -> 15.8 us, 6144 x 4096 1-3% (two H100 runs); long K (4096 x 14336,
-      split-K) 1-2% slower, so not there. Not kept (same runs): the next step's words loaded early
-      in registers (7-60% slower) and a TMA prefetch of the program's words into L2 (5-35% slower).
-      bf16 activations take the ``gemv``.
+      for K >= 8192, split-K 4 only for long K with N <= 4096 (each within 4% of the shape's best
+      of 96 configs, bench/kernel_sweep.py --kernels gemv_h2; re-chosen with ``s_ahead`` over four
+      H100 runs: 4096 x 4096 8 x 2 6.66-6.79 us against 8 x 4 6.80-7.07, 14336 x 4096 16 x 4
+      15.3-16.2 us against 32 x 2 15.8-16.6). The next step's x is loaded at the top of the
+      current one (``x_ahead``: 6144 x 4096 9.1 -> 8.5 us, the other Llama shapes within 3%), and a
+      step's four pairs of scales right after its words, before any arithmetic (``s_ahead``:
+      4096 x 4096 7.34 -> 6.87 and 7.42 -> 7.03 us, 14336 x 4096 17.1 -> 15.8 us, 6144 x 4096 1-3%;
+      long K, split-K, 1-2% slower, so not there). Not kept: the next step's words loaded early in
+      registers (7-60% slower), a TMA prefetch of the program's words into L2 (5-35% slower), x
+      loaded in the words' layout (10-60% slower). bf16 activations take the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
