@@ -72,6 +72,9 @@ def _target_names():
 @click.option("--norm-tokens", is_flag=True,
               help="GPTQ/KLAWQ: where an RMSNorm normalizes a linear's output (Gemma 3's post-norms, q/k norms), "
                    "weight each calibration token's x x^T by 1 / ms of that output, as the norm scales its error.")
+@click.option("--fp-target", is_flag=True,
+              help="GPTQ/KLAWQ: fit each linear to the FP model's output from the quantized model's inputs "
+                   "(GPTAQ-style; one more FP forward per stage, twice the calibration activations).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/KLAWQ: columns by descending Hessian diagonal, grids fitted on the original weights "
                    "(static groups, so the package keeps plain contiguous groups).")
@@ -104,7 +107,7 @@ def _target_names():
                    "the whole model first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @friendly
-def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, shrink, norm_tokens, act_order,
+def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, salience, damp, shrink, norm_tokens, fp_target, act_order,
                propagate, micro_batch, activations, bits, group_size, sym, fmt, quantize_head, accuracy_level, calib, n_calib, seqlen, seed,
                device, context, reference_windows, lazy, as_json):
     """Quantize MODEL (alias, HF directory or .gguf) and write a device package."""
@@ -114,7 +117,8 @@ def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, sa
                        sym=sym, format=fmt, calib=calib, n_calib=n_calib, seqlen=seqlen, seed=seed, device=device,
                        context=context, quantize_head=int(quantize_head), accuracy_level=int(accuracy_level),
                        reference_windows=reference_windows, beta=beta, tau=tau, kl_source=kl_source,
-                       rounding=rounding, salience=salience, damp=damp, shrink=shrink, norm_tokens=norm_tokens, act_order=act_order, propagate=propagate,
+                       rounding=rounding, salience=salience, damp=damp, shrink=shrink, norm_tokens=norm_tokens, fp_target=fp_target, act_order=act_order,
+                       propagate=propagate,
                        micro_batch=micro_batch, activations=activations, lazy=lazy)
     res = export_model(cfg, progress=not as_json)
     if as_json:

@@ -23,7 +23,10 @@ the model stays where it is (CPU). Flow:
    dequantized numbers), so later stages see the quantized earlier ones.
 4. **Propagation.** The block's outputs on all micro-batches become the next block's inputs: with
    quantized weights (``propagate=True``, default) or computed with the FP block before any
-   change (``propagate=False``, AutoAWQ's choice).
+   change (``propagate=False``, AutoAWQ's choice). With ``fp_target`` the FP block also runs on
+   its own FP stream (captured once at block 0), each stage's forward pass first takes the FP
+   block's inputs to the stage's linears for the same micro-batch, and the cross moments Σ x_fp x_qᵀ
+   let GPTQ fit the FP outputs from the quantized inputs (:mod:`~klaq.toolchain.algorithms.fp_target`).
 
 Peak memory is one block in fp32 + its Hessians on the device, plus the activations on the CPU.
 On the host, a processed block goes back in the model's own dtype (its quantized linear weights;
@@ -52,6 +55,7 @@ quantizes the block's linears (RTN for ``awq``, GPTQ/KLAWQ for ``awq+gptq`` / ``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import resource
 import time
@@ -64,6 +68,7 @@ from tqdm import tqdm
 from klaq.errors import KlaqError
 from klaq.formats.qweight import QuantizedWeight
 from klaq.toolchain.activations import Activations, choose_where
+from klaq.toolchain.algorithms.fp_target import fp_target_weight
 from klaq.toolchain.algorithms.gptq import gptq_quantize
 from klaq.toolchain.algorithms.grid import QuantSpec, dequantize_codes, fit_grid, quantize_codes, to_qweight
 from klaq.toolchain.algorithms.klawq import (
@@ -109,6 +114,10 @@ class EngineConfig:
     # GPTQ's Hessian from tokens weighted by 1 / ms of the linear's FP output where an RMSNorm
     # normalizes that output (the arch table's ``normed``; other linears keep the plain Hessian).
     norm_tokens: bool = False
+    # GPTQ/KLAWQ fit each linear to the FP model's output from the quantized model's inputs
+    # (toolchain/algorithms/fp_target.py): the FP block runs beside the quantized one on its own
+    # FP activation stream (one more forward per stage, twice the activations).
+    fp_target: bool = False
     rounding: str = "nearest"  # nearest | greedy (a refinement pass after the method)
     salience: str = "l1"  # AWQ: mean |x| (l1) or mean x^2 (l2)
     propagate: bool = True  # quantized block outputs feed the next block
@@ -162,9 +171,10 @@ def peak_rss_mb() -> float:
 class InputStats:
     """Running input statistics of one linear (or of several linears fed by the same tensor)."""
 
-    def __init__(self, k: int, device, hessian: bool = True, masked: bool = False):
+    def __init__(self, k: int, device, hessian: bool = True, masked: bool = False, cross: bool = False):
         self.k = k
         self.n = 0
+        self.c = torch.zeros(k, k, device=device) if cross else None  # Σ x_fp x_qᵀ (fp_target)
         self.abs_sum = torch.zeros(k, device=device, dtype=torch.float64)
         self.sq_sum = torch.zeros(k, device=device, dtype=torch.float64)
         self.h = torch.zeros(k, k, device=device) if hessian else None
@@ -200,6 +210,15 @@ class InputStats:
 
     def hessian(self) -> torch.Tensor:
         return self.h / max(self.n, 1)
+
+    def add_cross(self, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
+        """Σ x_fp x_qᵀ over tokens; ``x_q`` as returned by :meth:`add` (same tokens, same order)."""
+        x_fp = x_fp.reshape(-1, self.k).float()
+        for xf, xq in zip(x_fp.split(CHUNK_ROWS), x_q.split(CHUNK_ROWS), strict=True):
+            self.c.addmm_(xf.T, xq)
+
+    def cross(self) -> torch.Tensor:
+        return self.c / max(self.n, 1)
 
 
 def _linear_weight(mod, conv1d: bool) -> torch.Tensor:
@@ -328,9 +347,34 @@ def _awq_fn():
     return awq_block
 
 
+def _fp_linear_inputs(fp_block, names, x, kw) -> dict[str, torch.Tensor]:
+    """The inputs of ``names`` when the FP block runs on ``x`` (stops once all have been seen)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def hook(module, args):
+            seen[name] = args[0]
+            if len(seen) == len(names):
+                raise _Stop
+
+        return hook
+
+    handles = [fp_block.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
+    try:
+        with torch.no_grad():
+            fp_block(x, **kw)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need_h: bool, fisher, block_idx: int,
-             early_exit: bool, replay: Replay | None = None, prefixes=()):
-    """Run the block over all micro-batches, accumulating input statistics of ``names``."""
+             early_exit: bool, replay: Replay | None = None, prefixes=(), fp_block=None, fp_inputs=None):
+    """Run the block over all micro-batches, accumulating input statistics of ``names`` (and, with
+    ``fp_block``, their cross moments with the FP block's inputs on ``fp_inputs``)."""
     dev = torch.device(cfg.device)
     mods = {n: block.get_submodule(n) for n in names}
     stats: dict[str, InputStats] = {}
@@ -339,7 +383,7 @@ def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need
     # linear -> the width its output norm normalizes (a head or the whole row)
     norm_width = {lin: block.get_submodule(norm).weight.shape[0] for lin, norm in arch.normed
                   if lin in mods} if cfg.norm_tokens else {}
-    state = {"batch": 0, "fired": set(), "last": None}
+    state = {"batch": 0, "fired": set(), "last": None, "fp": None}
 
     def make(name):
         mod = mods[name]
@@ -352,8 +396,11 @@ def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need
             else:
                 st = stats.get(name)
                 if st is None:
-                    st = InputStats(x.shape[-1], dev, hessian=need_h, masked=cfg.rounding == "greedy")
+                    st = InputStats(x.shape[-1], dev, hessian=need_h, masked=cfg.rounding == "greedy",
+                                    cross=state["fp"] is not None)
                 x2 = st.add(x)
+                if state["fp"] is not None:
+                    st.add_cross(state["fp"][name], x2)
                 state["last"] = (x, st, x2)
             stats[name] = st
             k = None  # per-token weights of a second, re-weighted Hessian
@@ -380,7 +427,8 @@ def _collect(block, names, inputs, kws, cfg: EngineConfig, arch: QuantArch, need
     try:
         with torch.no_grad():
             for j, (x, kw) in enumerate(zip(inputs, kws, strict=True)):
-                state.update(batch=j, fired=set(), last=None)
+                fp = None if fp_block is None else _fp_linear_inputs(fp_block, names, fp_inputs[j].to(dev), kw)
+                state.update(batch=j, fired=set(), last=None, fp=fp)
                 if replay is not None:
                     replay.batch = j
                 try:
@@ -402,13 +450,15 @@ def _quantize_linear(w: torch.Tensor, st: InputStats | None, a: torch.Tensor | N
     info: dict = {}
     if cfg.method.endswith(("gptq", "klawq")):
         h = st.hessian()
+        # fp_target: GPTQ rounds the best unquantized weight for the quantized inputs instead
+        target = w if st.c is None else fp_target_weight(w, h, st.cross(), cfg.damp)
         if a is not None:
             a = a / max(st.n, 1)
         if cfg.norm_tokens and a is not None:  # norm-weighted tokens replace the plain Hessian
             htot = a
         else:
             htot = klawq_hessian(h, a, cfg.beta if cfg.method.endswith("klawq") else 0.0)
-        qw, deq, ginfo = gptq_quantize(w, htot, spec, damp=cfg.damp, act_order=cfg.act_order,
+        qw, deq, ginfo = gptq_quantize(target, htot, spec, damp=cfg.damp, act_order=cfg.act_order,
                                        block_size=cfg.block_size, shrink=cfg.shrink, grid_steps=cfg.grid_steps)
         info.update(damp=ginfo.damp, dead=ginfo.dead, fallback=ginfo.fallback)
     else:
@@ -460,6 +510,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
     if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0 or cfg.augment < 0:
         raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0 and augment >= 0")
+    if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
+        raise KlaqError(f"--fp-target changes what GPTQ/KLAWQ fit; method {cfg.method!r} has no such fit")
     if cfg.norm_tokens and cfg.method.endswith("klawq") and cfg.beta != 0:
         raise KlaqError("norm-weighted tokens (--norm-tokens) replace the Hessian KLAWQ adds to; use one or the other")
     arch = get_quant_arch(model.config.model_type)
@@ -494,6 +546,7 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     inputs, kwargs = capture_inputs(model, layers, calib_ids, cfg.micro_batch, store)
     need_stats = cfg.method.endswith(("gptq", "klawq")) or cfg.rounding == "greedy"
     need_h = need_stats
+    fp_inputs = inputs if cfg.fp_target else None  # the FP model's activations (one stream until block 0 ends)
     quantized: dict[str, QuantizedWeight] = {}
     per_linear: dict[str, dict] = {}
     bar = tqdm(range(len(layers)), desc=f"{cfg.method} W{cfg.spec.bits}", unit="block", disable=not cfg.progress)
@@ -509,6 +562,7 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         if awq_block is not None:
             bar.set_postfix_str("awq")
             awq_block(block, inputs, kws, arch, cfg.spec, cfg)
+        fp_block = copy.deepcopy(block) if fp_inputs is not None else None  # after AWQ's function-keeping folds
         all_names = [n for st in arch.stages for n in st]
         if not need_stats:
             stages = [all_names]
@@ -529,7 +583,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
                 bar.set_postfix_str(f"stage {si + 1}/{len(stages)}")
                 done = [p for p, last in final_after.items() if last < si]
                 stats, kl = _collect(block, stage, inputs, kws, cfg, arch, need_h, fisher, bi,
-                                     early_exit=cfg.true_sequential, replay=replay, prefixes=done)
+                                     early_exit=cfg.true_sequential, replay=replay, prefixes=done,
+                                     fp_block=fp_block, fp_inputs=fp_inputs)
             for name in stage:
                 mod = block.get_submodule(name)
                 w = _linear_weight(mod, arch.conv1d).float()
@@ -542,6 +597,12 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         bar.set_postfix_str("outputs")
         outputs = fp_out if fp_out is not None else run_block(block, inputs, kws, dev, replay, list(final_after),
                                                               store=store)
+        if fp_block is not None:
+            fp_outputs = outputs if fp_out is not None else run_block(fp_block, fp_inputs, kws, dev, store=store)
+            if fp_inputs is not inputs:
+                fp_inputs.close()
+            fp_inputs = fp_outputs
+            del fp_block
         inputs.close()
         inputs = outputs
         _offload(block, dtypes, {f"{n}.weight" for n in all_names}, cfg.keep_weights)
@@ -549,6 +610,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    if fp_inputs is not None and fp_inputs is not inputs:
+        fp_inputs.close()
     inputs.close()
     peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     return EngineResult(quantized, time.perf_counter() - t0, peak_rss_mb(), peak_gpu, per_linear)

@@ -59,6 +59,7 @@ class ExportConfig:
     tau: float = 1.0
     kl_source: str = "layer"
     norm_tokens: bool = False  # GPTQ Hessians of output-normalized linears weighted by 1 / ms (engine.py)
+    fp_target: bool = False  # GPTQ/KLAWQ fit the FP model's outputs from quantized inputs (engine.py)
     rounding: str = "nearest"
     salience: str = "l1"
     propagate: bool = True
@@ -139,6 +140,8 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     )
     if cfg.method != "fp16":
         check_spec(spec)
+    if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
+        raise KlaqError(f"--fp-target changes what GPTQ/KLAWQ fit; method {cfg.method!r} has no such fit")
     if cfg.device != "cpu":
         import torch
 
@@ -146,7 +149,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
             raise KlaqError(f"--device {cfg.device} requested but no CUDA device is available")
     t0 = time.perf_counter()
     engine = EngineConfig(method=cfg.method, damp=cfg.damp, shrink=cfg.shrink, act_order=cfg.act_order, beta=cfg.beta, tau=cfg.tau, kl_source=cfg.kl_source,
-                          norm_tokens=cfg.norm_tokens, rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
+                          norm_tokens=cfg.norm_tokens, fp_target=cfg.fp_target, rounding=cfg.rounding, salience=cfg.salience, propagate=cfg.propagate,
                           true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
                           seed=cfg.seed, threads=cfg.threads, keep_weights=False,
                           activations=cfg.activations)
@@ -214,6 +217,8 @@ def method_options(cfg: ExportConfig) -> str:
         parts.append(f"shrink={cfg.shrink:g}")
         if cfg.norm_tokens:
             parts.append("norm_tokens=1")
+        if cfg.fp_target:
+            parts.append("fp_target=1")
     if "klawq" in cfg.method:
         parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
     if cfg.method.startswith("awq"):
