@@ -115,9 +115,10 @@ class EngineConfig:
     # normalizes that output (the arch table's ``normed``; other linears keep the plain Hessian).
     norm_tokens: bool = False
     # GPTQ/KLAWQ fit each linear to the FP model's output from the quantized model's inputs
-    # (toolchain/algorithms/fp_target.py): the FP block runs beside the quantized one on its own
-    # FP activation stream (one more forward per stage, twice the activations).
-    fp_target: bool = False
+    # (toolchain/algorithms/fp_target.py) when > 0, with this ridge (a fraction of mean diag H) on
+    # that fit; 0 = off. The FP block runs beside the quantized one on its own FP activation stream
+    # (one more forward per stage, twice the activations).
+    fp_target: float = 0.0
     rounding: str = "nearest"  # nearest | greedy (a refinement pass after the method)
     salience: str = "l1"  # AWQ: mean |x| (l1) or mean x^2 (l2)
     propagate: bool = True  # quantized block outputs feed the next block
@@ -451,7 +452,7 @@ def _quantize_linear(w: torch.Tensor, st: InputStats | None, a: torch.Tensor | N
     if cfg.method.endswith(("gptq", "klawq")):
         h = st.hessian()
         # fp_target: GPTQ rounds the best unquantized weight for the quantized inputs instead
-        target = w if st.c is None else fp_target_weight(w, h, st.cross(), cfg.damp)
+        target = w if st.c is None else fp_target_weight(w, h, st.cross(), cfg.fp_target)
         if a is not None:
             a = a / max(st.n, 1)
         if cfg.norm_tokens and a is not None:  # norm-weighted tokens replace the plain Hessian
@@ -508,8 +509,9 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         raise KlaqError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {cfg.rounding!r}")
     if cfg.kl_source not in KL_SOURCES:
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
-    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0 or cfg.augment < 0:
-        raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0 and augment >= 0")
+    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0 or cfg.augment < 0 or cfg.fp_target < 0:
+        raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0, --fp-target >= 0 "
+                        "and augment >= 0")
     if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
         raise KlaqError(f"--fp-target changes what GPTQ/KLAWQ fit; method {cfg.method!r} has no such fit")
     if cfg.norm_tokens and cfg.method.endswith("klawq") and cfg.beta != 0:

@@ -59,7 +59,7 @@ class ExportConfig:
     tau: float = 1.0
     kl_source: str = "layer"
     norm_tokens: bool = False  # GPTQ Hessians of output-normalized linears weighted by 1 / ms (engine.py)
-    fp_target: bool = False  # GPTQ/KLAWQ fit the FP model's outputs from quantized inputs (engine.py)
+    fp_target: float = 0.0  # > 0: GPTQ/KLAWQ fit the FP model's outputs from quantized inputs, this ridge (engine.py)
     rounding: str = "nearest"
     salience: str = "l1"
     propagate: bool = True
@@ -218,7 +218,7 @@ def method_options(cfg: ExportConfig) -> str:
         if cfg.norm_tokens:
             parts.append("norm_tokens=1")
         if cfg.fp_target:
-            parts.append("fp_target=1")
+            parts.append(f"fp_target={cfg.fp_target:g}")
     if "klawq" in cfg.method:
         parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
     if cfg.method.startswith("awq"):

@@ -118,14 +118,14 @@ def test_export_gptq_through_cli(tiny_llama_dir, tmp_path):
     out = tmp_path / "g.gguf"
     res = klaq("export", str(tiny_llama_dir), "-o", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
                "--n-calib", "4", "--seqlen", "64", "--damp", "0.02", "--reference-windows", "0", "--json",
-               "--activations", "disk", "--norm-tokens", "--fp-target")
+               "--activations", "disk", "--norm-tokens", "--fp-target", "0.1")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["method"] == "gptq" and info["calibration"] == "pydoc:4x64:seed0" and "damp=0.02" in info["method_options"]
-    assert "norm_tokens=1" in info["method_options"] and "fp_target=1" in info["method_options"]
+    assert "norm_tokens=1" in info["method_options"] and "fp_target=0.1" in info["method_options"]
     assert info["quant_seconds"] > 0 and info["peak_rss_mb"] > 0
     bad = klaq("export", str(tiny_llama_dir), "-o", str(tmp_path / "b.gguf"), "--activations", "gpu")
     assert bad.returncode == 2 and "'auto', 'cpu', 'disk'" in bad.stderr and "Traceback" not in bad.stderr
-    bad = klaq("export", str(tiny_llama_dir), "-o", str(tmp_path / "r.gguf"), "--method", "rtn", "--fp-target")
+    bad = klaq("export", str(tiny_llama_dir), "-o", str(tmp_path / "r.gguf"), "--method", "rtn", "--fp-target", "0.1")
     assert bad.returncode != 0 and "--fp-target" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "r.gguf").exists()
