@@ -348,6 +348,14 @@ def _awq_fn():
     return awq_block
 
 
+# With one capture per block, o_proj / down_proj would be fitted on inputs computed by the
+# unquantized q/k/v / gate/up, which their own fits then move back toward the FP stream: the drift is
+# corrected twice. Measured: Gemma-3-270M W4 g128 (gptq:shrink=0:true_sequential=0:norm_tokens=1)
+# pydoc 31.61 -> 38.18 ppl with --fp-target 1; with stages, W3 40.29 -> 34.80 (BENCHMARKS.md).
+FP_TARGET_NEEDS_STAGES = ("--fp-target needs true-sequential stages (each linear captured after the linears "
+                          "before it are quantized); it cannot be combined with true_sequential=False")
+
+
 def _fp_linear_inputs(fp_block, names, x, kw) -> dict[str, torch.Tensor]:
     """The inputs of ``names`` when the FP block runs on ``x`` (stops once all have been seen)."""
     seen: dict[str, torch.Tensor] = {}
@@ -514,6 +522,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
                         "and augment >= 0")
     if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
         raise KlaqError(f"--fp-target changes what GPTQ/KLAWQ fit; method {cfg.method!r} has no such fit")
+    if cfg.fp_target and not cfg.true_sequential:
+        raise KlaqError(FP_TARGET_NEEDS_STAGES)
     if cfg.norm_tokens and cfg.method.endswith("klawq") and cfg.beta != 0:
         raise KlaqError("norm-weighted tokens (--norm-tokens) replace the Hessian KLAWQ adds to; use one or the other")
     arch = get_quant_arch(model.config.model_type)

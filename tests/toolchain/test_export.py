@@ -137,3 +137,12 @@ def test_reference_perplexity_recorded_and_matches_verify(tiny_llama_dir, tmp_pa
     assert meta["reference_ppl_protocol"] == "pydoc:eval:ctx512:windows2"
     rep = verify_package(str(path), str(tiny_llama_dir), "pydoc", 512, 1.0, max_windows=2, progress=False)
     assert meta["reference_ppl"] == pytest.approx(rep.ppl_reference, rel=1e-5)
+
+
+def test_fp_target_without_stages_is_refused_before_any_output(tiny_llama_dir, tmp_path):
+    from klaq.errors import KlaqError
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(KlaqError, match="true-sequential"):
+        _export(tiny_llama_dir, out, method="gptq", fp_target=1.0, true_sequential=False)
+    assert not out.exists()

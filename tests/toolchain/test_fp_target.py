@@ -87,3 +87,10 @@ def test_engine_fp_target_other_architectures_and_fp_calibration(model_type):
 def test_fp_target_needs_a_gptq_fit():
     with pytest.raises(KlaqError, match="fp-target"):
         quantize_blocks(_model("llama"), _ids(), EngineConfig(method="rtn", fp_target=0.01, progress=False))
+
+
+def test_fp_target_needs_true_sequential_stages():
+    """One capture per block would fit o_proj / down_proj to drift their predecessors' fits remove."""
+    with pytest.raises(KlaqError, match="true-sequential"):
+        quantize_blocks(_model("llama"), _ids(), EngineConfig(method="gptq", fp_target=1.0, true_sequential=False,
+                                                             progress=False))
