@@ -349,8 +349,8 @@ def _awq_fn():
 
 
 # With one capture per block, o_proj / down_proj would be fitted on inputs computed by the
-# unquantized q/k/v / gate/up, which their own fits then move back toward the FP stream: the drift is
-# corrected twice. Measured: Gemma-3-270M W4 g128 (gptq:shrink=0:true_sequential=0:norm_tokens=1)
+# unquantized q/k/v / gate/up, which their own fits then move back toward the FP stream: likely the drift
+# is corrected twice (not isolated). Measured: Gemma-3-270M W4 g128 (gptq:shrink=0:true_sequential=0:norm_tokens=1)
 # pydoc 31.61 -> 38.18 ppl with --fp-target 1; with stages, W3 40.29 -> 34.80 (BENCHMARKS.md).
 FP_TARGET_NEEDS_STAGES = ("--fp-target needs true-sequential stages (each linear captured after the linears "
                           "before it are quantized); it cannot be combined with true_sequential=False")
