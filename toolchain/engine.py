@@ -503,13 +503,11 @@ def needs_full_model(cfg: EngineConfig) -> bool:
     return cfg.method.endswith("klawq") and cfg.beta != 0 and cfg.kl_source == "model"
 
 
-def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> EngineResult:
-    """Quantize every decoder linear of ``model`` with ``cfg.method`` on ``calib_ids`` [n, T].
+def check_engine_config(cfg: EngineConfig) -> None:
+    """Refuse option combinations the engine cannot honour, with the flag to change.
 
-    Returns ``{state-dict weight name: QuantizedWeight}`` plus time and peak memory. The model is
-    changed in place: processed blocks end up on the CPU with fake-quantized linear weights in the
-    model's dtype (exact when that is fp32; dropped with ``keep_weights=False``) and fp32 norms and
-    biases (with AWQ's folded scales): with the QuantizedWeights, the quantized model.
+    Called by :func:`quantize_blocks` and, before the model loads, by ``export_model``: the one
+    place these rules live.
     """
     if cfg.method not in ENGINE_METHODS:
         raise KlaqError(f"unknown method {cfg.method!r}; available: {', '.join(ENGINE_METHODS)}")
@@ -526,6 +524,17 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
         raise KlaqError(FP_TARGET_NEEDS_STAGES)
     if cfg.norm_tokens and cfg.method.endswith("klawq") and cfg.beta != 0:
         raise KlaqError("norm-weighted tokens (--norm-tokens) replace the Hessian KLAWQ adds to; use one or the other")
+
+
+def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> EngineResult:
+    """Quantize every decoder linear of ``model`` with ``cfg.method`` on ``calib_ids`` [n, T].
+
+    Returns ``{state-dict weight name: QuantizedWeight}`` plus time and peak memory. The model is
+    changed in place: processed blocks end up on the CPU with fake-quantized linear weights in the
+    model's dtype (exact when that is fp32; dropped with ``keep_weights=False``) and fp32 norms and
+    biases (with AWQ's folded scales): with the QuantizedWeights, the quantized model.
+    """
+    check_engine_config(cfg)
     arch = get_quant_arch(model.config.model_type)
     if cfg.augment:
         calib_ids = shuffled_windows(np.asarray(calib_ids), cfg.augment, cfg.seed)

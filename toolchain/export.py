@@ -24,7 +24,7 @@ from klaq.targets.fit import check_fit, kv_cache_bytes
 from klaq.targets.profiles import get_target
 from klaq.toolchain.algorithms.grid import QuantSpec
 from klaq.toolchain.data import calibration_windows, token_split
-from klaq.toolchain.engine import FP_TARGET_NEEDS_STAGES, EngineConfig, needs_full_model, peak_rss_mb
+from klaq.toolchain.engine import EngineConfig, check_engine_config, needs_full_model, peak_rss_mb
 from klaq.toolchain.lazy import lazy_weights, materialized, streamed
 from klaq.toolchain.models import LoadedModel, load_model
 from klaq.toolchain.quantize import METHODS, check_spec, needs_calibration, quantize_model_ex
@@ -140,10 +140,6 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
     )
     if cfg.method != "fp16":
         check_spec(spec)
-    if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
-        raise KlaqError(f"--fp-target changes what GPTQ/KLAWQ fit; method {cfg.method!r} has no such fit")
-    if cfg.fp_target and not cfg.true_sequential:
-        raise KlaqError(FP_TARGET_NEEDS_STAGES)
     if cfg.device != "cpu":
         import torch
 
@@ -155,6 +151,8 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
                           true_sequential=cfg.true_sequential, device=cfg.device, micro_batch=cfg.micro_batch,
                           seed=cfg.seed, threads=cfg.threads, keep_weights=False,
                           activations=cfg.activations)
+    if cfg.method != "fp16":
+        check_engine_config(engine)  # option errors before the model loads
     lm = load_model(cfg.model, lazy=cfg.lazy and not needs_full_model(engine))
     get_package_arch(lm.model.config.model_type)
     ref_ppl = None

@@ -146,3 +146,20 @@ def test_fp_target_without_stages_is_refused_before_any_output(tiny_llama_dir, t
     with pytest.raises(KlaqError, match="true-sequential"):
         _export(tiny_llama_dir, out, method="gptq", fp_target=1.0, true_sequential=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("opts, message", [
+    (dict(method="awq", fp_target=1.0), "no such fit"),
+    (dict(method="gptq", rounding="bogus"), "--rounding"),
+    (dict(method="gptq", damp=-1.0), "--damp >= 0"),
+    (dict(method="klawq", beta=0.5, norm_tokens=True), "one or the other"),
+])
+def test_engine_options_are_refused_before_the_model_loads(tmp_path, opts, message):
+    """export_model checks the engine options (engine.check_engine_config) before it loads anything:
+    the model path does not exist, so reaching the loader would raise a different error."""
+    from klaq.errors import KlaqError
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(KlaqError, match=message):
+        _export(tmp_path / "no-such-model", out, **opts)
+    assert not out.exists()
