@@ -155,11 +155,13 @@ def parse_method(spec: str) -> tuple[str, dict]:
         for key, val in zip(("beta", "tau", "kl_source"), positional, strict=False):
             opts[key] = val if key == "kl_source" else float(val)
     from klaq.toolchain.algorithms.awq import AwqConfig
+    from klaq.toolchain.archs import GPTQ_GENERIC
 
     defaults, awq_defaults = EngineConfig(), AwqConfig()
     for kv in (p for p in parts if "=" in p):
         k, v = kv.split("=", 1)  # awq_NAME: AwqConfig's NAME (the engine passes awq_* attributes on)
         cur = getattr(awq_defaults, k.removeprefix("awq_")) if k.startswith("awq_") else getattr(defaults, k)
+        cur = GPTQ_GENERIC.get(k, cur) if cur is None else cur  # None: an arch default (archs.GPTQ_DEFAULTS)
         opts[k] = (v.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else type(cur)(v)
     return name, opts
 

@@ -66,12 +66,13 @@ def _target_names():
 @click.option("--salience", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="AWQ activation salience: mean |x| or mean x^2.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening, fraction of mean(diag H).")
-@click.option("--hessian-shrink", "shrink", type=click.FloatRange(0), default=0.5, show_default=True,
+@click.option("--hessian-shrink", "shrink", type=click.FloatRange(0), default=None,
               help="GPTQ/KLAWQ: add this times diag(H) to H, for robustness to a narrow calibration set "
-                   "(0 = plain GPTQ).")
-@click.option("--norm-tokens", is_flag=True,
+                   "(0 = plain GPTQ). [default: 0.5; 0 for --method gptq on Gemma 3]")
+@click.option("--norm-tokens/--no-norm-tokens", default=None,
               help="GPTQ/KLAWQ: where an RMSNorm normalizes a linear's output (Gemma 3's post-norms, q/k norms), "
-                   "weight each calibration token's x x^T by 1 / ms of that output, as the norm scales its error.")
+                   "weight each calibration token's x x^T by 1 / ms of that output, as the norm scales its error. "
+                   "[default: on for --method gptq on Gemma 3, else off]")
 @click.option("--fp-target", "fp_target", type=click.FloatRange(0), default=0.0, show_default=True, metavar="RIDGE",
               help="GPTQ/KLAWQ: fit each linear to the FP model's output from the quantized model's inputs, "
                    "with this ridge (fraction of mean diag H) on the fit; 0 = off (GPTAQ-style; one more FP "

@@ -99,6 +99,28 @@ QUANT_ARCHS: dict[str, QuantArch] = {
 }
 QUANT_ARCHS["gemma3"] = QUANT_ARCHS["gemma3_text"]
 
+# GPTQ's defaults where one architecture measured differently from the rest (`gptq` only: AWQ's
+# scaled weights and KLAWQ's H + beta A keep the generic ones). Every other architecture takes
+# GPTQ_GENERIC. Evidence in BENCHMARKS.md:
+# - generic: Hessian shrink 0.5 was the best of 0 / 0.5 / 2 on SmolLM2 W4 g64 (held-out KL in- and
+#   out-of-domain); norm weighting changes nothing where no linear's output is normalized.
+# - gemma3: shrink 0 was the best of 0 / 0.1 / 0.2 / 0.5 on Gemma-3-270M W4 g128 and of 0 / 0.05 / 0.5
+#   at W3 (0.5: W4 KL 0.236 / 0.373 against 0.204 / 0.342; W3 0.849 / 1.594 against 0.669 / 1.177
+#   with norm weighting); norm-weighted Hessians (its post-norms and q/k norms) took W4's
+#   out-of-domain KL from 0.342 to 0.327.
+GPTQ_GENERIC: dict[str, object] = {"shrink": 0.5, "norm_tokens": False}
+GPTQ_DEFAULTS: dict[str, dict[str, object]] = {
+    "gemma3_text": {"shrink": 0.0, "norm_tokens": True},
+}
+GPTQ_DEFAULTS["gemma3"] = GPTQ_DEFAULTS["gemma3_text"]
+
+
+def gptq_defaults(method: str, model_type: str) -> dict[str, object]:
+    """The GPTQ options a method takes on ``model_type`` when the user sets none."""
+    if method == "gptq":
+        return {**GPTQ_GENERIC, **GPTQ_DEFAULTS.get(model_type, {})}
+    return dict(GPTQ_GENERIC)
+
 
 def get_quant_arch(model_type: str) -> QuantArch:
     try:

@@ -59,7 +59,7 @@ import copy
 import inspect
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ from klaq.toolchain.algorithms.klawq import (
     model_fisher_weights,
     norm_token_weights,
 )
-from klaq.toolchain.archs import QuantArch, get_quant_arch
+from klaq.toolchain.archs import QuantArch, get_quant_arch, gptq_defaults
 from klaq.toolchain.data import shuffled_windows
 from klaq.toolchain.lazy import lazy_weights
 
@@ -94,9 +94,9 @@ class EngineConfig:
     method: str = "gptq"
     spec: QuantSpec = field(default_factory=QuantSpec)
     damp: float = 0.01  # GPTQ dampening, fraction of mean(diag H)
-    # GPTQ: H + shrink * diag(H), correlations shrunk toward the diagonal. 0.5 measured best on
-    # SmolLM2 W4 g64 (BENCHMARKS.md: held-out KL in- and out-of-domain); 0 = plain GPTQ.
-    shrink: float = 0.5
+    # GPTQ: H + shrink * diag(H), correlations shrunk toward the diagonal; 0 = plain GPTQ. None: the
+    # architecture's default (archs.GPTQ_DEFAULTS: 0.5, or 0 for `gptq` on Gemma 3), see resolve_defaults.
+    shrink: float | None = None
     # GPTQ columns by descending diag(H), grids fitted on the original weights (static groups): on
     # SmolLM2 W4 g64 held-out KL 0.1057 -> 0.0837 in-domain, 0.190 -> 0.161 out of domain; on
     # Gemma-3-270M W4 g128 0.324 -> 0.236 / 0.459 -> 0.373 (BENCHMARKS.md). llm-compressor's default too.
@@ -113,7 +113,8 @@ class EngineConfig:
     kl_source: str = "layer"  # layer | model
     # GPTQ's Hessian from tokens weighted by 1 / ms of the linear's FP output where an RMSNorm
     # normalizes that output (the arch table's ``normed``; other linears keep the plain Hessian).
-    norm_tokens: bool = False
+    # None: the architecture's default (archs.GPTQ_DEFAULTS: on for `gptq` on Gemma 3).
+    norm_tokens: bool | None = None
     # GPTQ/KLAWQ fit each linear to the FP model's output from the quantized model's inputs
     # (toolchain/algorithms/fp_target.py) when > 0, with this ridge (a fraction of mean diag H) on
     # that fit; 0 = off. The FP block runs beside the quantized one on its own FP activation stream
@@ -515,7 +516,7 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise KlaqError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {cfg.rounding!r}")
     if cfg.kl_source not in KL_SOURCES:
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
-    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or cfg.shrink < 0 or cfg.augment < 0 or cfg.fp_target < 0:
+    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or (cfg.shrink or 0) < 0 or cfg.augment < 0 or cfg.fp_target < 0:
         raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0, --fp-target >= 0 "
                         "and augment >= 0")
     if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
@@ -524,6 +525,12 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise KlaqError(FP_TARGET_NEEDS_STAGES)
     if cfg.norm_tokens and cfg.method.endswith("klawq") and cfg.beta != 0:
         raise KlaqError("norm-weighted tokens (--norm-tokens) replace the Hessian KLAWQ adds to; use one or the other")
+
+
+def resolve_defaults(cfg: EngineConfig, model_type: str) -> EngineConfig:
+    """``cfg`` with the options left at None set to ``model_type``'s defaults (archs.gptq_defaults)."""
+    defaults = gptq_defaults(cfg.method, model_type)
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
 def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> EngineResult:
@@ -536,6 +543,7 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     """
     check_engine_config(cfg)
     arch = get_quant_arch(model.config.model_type)
+    cfg = resolve_defaults(cfg, model.config.model_type)
     if cfg.augment:
         calib_ids = shuffled_windows(np.asarray(calib_ids), cfg.augment, cfg.seed)
     calib_ids = torch.as_tensor(calib_ids, dtype=torch.long)

@@ -24,7 +24,13 @@ from klaq.targets.fit import check_fit, kv_cache_bytes
 from klaq.targets.profiles import get_target
 from klaq.toolchain.algorithms.grid import QuantSpec
 from klaq.toolchain.data import calibration_windows, token_split
-from klaq.toolchain.engine import EngineConfig, check_engine_config, needs_full_model, peak_rss_mb
+from klaq.toolchain.engine import (
+    EngineConfig,
+    check_engine_config,
+    needs_full_model,
+    peak_rss_mb,
+    resolve_defaults,
+)
 from klaq.toolchain.lazy import lazy_weights, materialized, streamed
 from klaq.toolchain.models import LoadedModel, load_model
 from klaq.toolchain.quantize import METHODS, check_spec, needs_calibration, quantize_model_ex
@@ -53,12 +59,12 @@ class ExportConfig:
     reference_windows: int = 8  # FP16 perplexity recorded in the package (0 = skip)
     # calibrated methods (see toolchain/engine.py)
     damp: float = 0.01
-    shrink: float = 0.5
+    shrink: float | None = None  # None: the architecture's default (archs.GPTQ_DEFAULTS)
     act_order: bool = True
     beta: float = 0.0
     tau: float = 1.0
     kl_source: str = "layer"
-    norm_tokens: bool = False  # GPTQ Hessians of output-normalized linears weighted by 1 / ms (engine.py)
+    norm_tokens: bool | None = None  # GPTQ Hessians of output-normalized linears weighted by 1 / ms; None: arch default
     fp_target: float = 0.0  # > 0: GPTQ/KLAWQ fit the FP model's outputs from quantized inputs, this ridge (engine.py)
     rounding: str = "nearest"
     salience: str = "l1"
@@ -155,6 +161,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
         check_engine_config(engine)  # option errors before the model loads
     lm = load_model(cfg.model, lazy=cfg.lazy and not needs_full_model(engine))
     get_package_arch(lm.model.config.model_type)
+    engine = resolve_defaults(engine, lm.model.config.model_type)
     ref_ppl = None
     if cfg.reference_windows > 0:  # before quantization: AWQ folds scales into the model in place
         from klaq.formats.tokenizer import PackageTokenizer
@@ -181,7 +188,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
         "calibration_hash": calib_hash,
     }
     if calibrated:
-        meta["method_options"] = method_options(cfg)
+        meta["method_options"] = method_options(cfg, engine)
     if ref_ppl is not None:
         meta["reference_ppl"] = ref_ppl
         meta["reference_ppl_protocol"] = f"pydoc:eval:ctx512:windows{cfg.reference_windows}"
@@ -209,13 +216,14 @@ def calibration_ids(lm: LoadedModel, cfg: ExportConfig) -> np.ndarray:
     return calibration_windows(ids, cfg.n_calib, cfg.seqlen, cfg.seed)
 
 
-def method_options(cfg: ExportConfig) -> str:
-    """The options that change a calibrated method's result, as one short string for the manifest."""
+def method_options(cfg: ExportConfig, engine: EngineConfig) -> str:
+    """The options that change a calibrated method's result, as one short string for the manifest
+    (``engine``: the engine's options with the architecture's defaults resolved)."""
     parts = [f"rounding={cfg.rounding}", f"propagate={int(cfg.propagate)}", f"true_sequential={int(cfg.true_sequential)}"]
     if "gptq" in cfg.method or "klawq" in cfg.method:
         parts += [f"damp={cfg.damp:g}", f"act_order={int(cfg.act_order)}"]
-        parts.append(f"shrink={cfg.shrink:g}")
-        if cfg.norm_tokens:
+        parts.append(f"shrink={engine.shrink:g}")
+        if engine.norm_tokens:
             parts.append("norm_tokens=1")
         if cfg.fp_target:
             parts.append(f"fp_target={cfg.fp_target:g}")

@@ -20,5 +20,8 @@ def test_parse_method():
         "gptq", {"shrink": 0.0, "act_order": False, "augment": 0.25, "grid_steps": 20})
     assert parse_method("awq+gptq:awq_clip=0:awq_n_grid=10") == ("awq+gptq", {"awq_clip": False, "awq_n_grid": 10})
     assert parse_method("rtn+greedy") == ("rtn", {"rounding": "greedy"})
+    # options whose default is the architecture's (None) still parse to their types
+    assert parse_method("gptq:shrink=0.5:norm_tokens=0") == ("gptq", {"shrink": 0.5, "norm_tokens": False})
+    assert parse_method("gptq:norm_tokens=1") == ("gptq", {"norm_tokens": True})
     with pytest.raises(AttributeError):
         parse_method("gptq:no_such_option=1")

@@ -163,3 +163,17 @@ def test_engine_options_are_refused_before_the_model_loads(tmp_path, opts, messa
     with pytest.raises(KlaqError, match=message):
         _export(tmp_path / "no-such-model", out, **opts)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model_type,opts,expect", [
+    ("gemma3_text", {}, "shrink=0,norm_tokens=1"),  # archs.GPTQ_DEFAULTS
+    ("gemma3_text", dict(shrink=0.5, norm_tokens=False), "shrink=0.5"),
+    ("llama", {}, "shrink=0.5"),
+])
+def test_manifest_records_the_resolved_gptq_defaults(tiny_model_dir, tmp_path, model_type, opts, expect):
+    path = tmp_path / "q.gguf"
+    _export(tiny_model_dir(model_type), path, method="gptq", bits=4, group_size=32, n_calib=2, seqlen=32,
+            reference_windows=0, **opts)
+    options = read_package(path).meta["method_options"]
+    assert options.endswith(expect)
+    assert ("norm_tokens=1" in options) == ("norm_tokens=1" in expect)
