@@ -188,7 +188,7 @@ def export_model(cfg: ExportConfig, progress: bool = True) -> ExportResult:
         "calibration_hash": calib_hash,
     }
     if calibrated:
-        meta["method_options"] = method_options(cfg, engine)
+        meta["method_options"] = method_options(engine)
     if ref_ppl is not None:
         meta["reference_ppl"] = ref_ppl
         meta["reference_ppl_protocol"] = f"pydoc:eval:ctx512:windows{cfg.reference_windows}"
@@ -216,21 +216,22 @@ def calibration_ids(lm: LoadedModel, cfg: ExportConfig) -> np.ndarray:
     return calibration_windows(ids, cfg.n_calib, cfg.seqlen, cfg.seed)
 
 
-def method_options(cfg: ExportConfig, engine: EngineConfig) -> str:
-    """The options that change a calibrated method's result, as one short string for the manifest
-    (``engine``: the engine's options with the architecture's defaults resolved)."""
-    parts = [f"rounding={cfg.rounding}", f"propagate={int(cfg.propagate)}", f"true_sequential={int(cfg.true_sequential)}"]
-    if "gptq" in cfg.method or "klawq" in cfg.method:
-        parts += [f"damp={cfg.damp:g}", f"act_order={int(cfg.act_order)}"]
-        parts.append(f"shrink={engine.shrink:g}")
+def method_options(engine: EngineConfig) -> str:
+    """The options that change a calibrated method's result, as one short string for the manifest.
+    ``engine`` is the engine's config after ``resolve_defaults``: one source, so the manifest records
+    exactly what the engine ran with (the architecture's defaults included)."""
+    parts = [f"rounding={engine.rounding}", f"propagate={int(engine.propagate)}",
+             f"true_sequential={int(engine.true_sequential)}"]
+    if "gptq" in engine.method or "klawq" in engine.method:
+        parts += [f"damp={engine.damp:g}", f"act_order={int(engine.act_order)}", f"shrink={engine.shrink:g}"]
         if engine.norm_tokens:
             parts.append("norm_tokens=1")
-        if cfg.fp_target:
-            parts.append(f"fp_target={cfg.fp_target:g}")
-    if "klawq" in cfg.method:
-        parts += [f"beta={cfg.beta:g}", f"tau={cfg.tau:g}", f"kl_source={cfg.kl_source}"]
-    if cfg.method.startswith("awq"):
-        parts.append(f"salience={cfg.salience}")
+        if engine.fp_target:
+            parts.append(f"fp_target={engine.fp_target:g}")
+    if "klawq" in engine.method:
+        parts += [f"beta={engine.beta:g}", f"tau={engine.tau:g}", f"kl_source={engine.kl_source}"]
+    if engine.method.startswith("awq"):
+        parts.append(f"salience={engine.salience}")
     return ",".join(parts)
 
 

@@ -177,3 +177,18 @@ def test_manifest_records_the_resolved_gptq_defaults(tiny_model_dir, tmp_path, m
     options = read_package(path).meta["method_options"]
     assert options.endswith(expect)
     assert ("norm_tokens=1" in options) == ("norm_tokens=1" in expect)
+
+
+@pytest.mark.parametrize("engine,expect", [
+    (dict(method="gptq"), "rounding=nearest,propagate=1,true_sequential=1,damp=0.01,act_order=1,shrink=0,norm_tokens=1"),
+    (dict(method="klawq", beta=0.5, tau=2.0, shrink=0.3, fp_target=1.0, rounding="greedy", propagate=False),
+     "rounding=greedy,propagate=0,true_sequential=1,damp=0.01,act_order=1,shrink=0.3,fp_target=1,"
+     "beta=0.5,tau=2,kl_source=layer"),
+    (dict(method="awq", salience="l2", true_sequential=False), "rounding=nearest,propagate=1,true_sequential=0,salience=l2"),
+])
+def test_method_options_come_from_the_resolved_engine_alone(engine, expect):
+    """The manifest string is read from one config, after the architecture's defaults are resolved."""
+    from klaq.toolchain.engine import EngineConfig, resolve_defaults
+    from klaq.toolchain.export import method_options
+
+    assert method_options(resolve_defaults(EngineConfig(**engine), "gemma3_text")) == expect
