@@ -73,10 +73,11 @@ def _target_names():
               help="GPTQ/KLAWQ: where an RMSNorm normalizes a linear's output (Gemma 3's post-norms, q/k norms), "
                    "weight each calibration token's x x^T by 1 / ms of that output, as the norm scales its error. "
                    "[default: on for --method gptq on Gemma 3, else off]")
-@click.option("--fp-target", "fp_target", type=click.FloatRange(0), default=0.0, show_default=True, metavar="RIDGE",
+@click.option("--fp-target", "fp_target", type=click.FloatRange(0), default=None, metavar="RIDGE",
               help="GPTQ/KLAWQ: fit each linear to the FP model's output from the quantized model's inputs, "
                    "with this ridge (fraction of mean diag H) on the fit; 0 = off (GPTAQ-style; one more FP "
-                   "forward per stage, twice the calibration activations).")
+                   "forward per stage, twice the calibration activations). "
+                   "[default: 1 for --method gptq on Gemma 3, else 0]")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/KLAWQ: columns by descending Hessian diagonal, grids fitted on the original weights "
                    "(static groups, so the package keeps plain contiguous groups).")

@@ -119,7 +119,8 @@ class EngineConfig:
     # (toolchain/algorithms/fp_target.py) when > 0, with this ridge (a fraction of mean diag H) on
     # that fit; 0 = off. The FP block runs beside the quantized one on its own FP activation stream
     # (one more forward per stage, twice the activations).
-    fp_target: float = 0.0
+    # None: the architecture's default (archs.GPTQ_DEFAULTS: 1 for `gptq` on Gemma 3, else 0).
+    fp_target: float | None = None
     rounding: str = "nearest"  # nearest | greedy (a refinement pass after the method)
     salience: str = "l1"  # AWQ: mean |x| (l1) or mean x^2 (l2)
     propagate: bool = True  # quantized block outputs feed the next block
@@ -516,7 +517,7 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise KlaqError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {cfg.rounding!r}")
     if cfg.kl_source not in KL_SOURCES:
         raise KlaqError(f"--kl-source must be one of {', '.join(KL_SOURCES)}, got {cfg.kl_source!r}")
-    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or (cfg.shrink or 0) < 0 or cfg.augment < 0 or cfg.fp_target < 0:
+    if cfg.beta < 0 or cfg.tau <= 0 or cfg.damp < 0 or (cfg.shrink or 0) < 0 or cfg.augment < 0 or (cfg.fp_target or 0) < 0:
         raise KlaqError("need --beta >= 0, --tau > 0, --damp >= 0, --hessian-shrink >= 0, --fp-target >= 0 "
                         "and augment >= 0")
     if cfg.fp_target and not cfg.method.endswith(("gptq", "klawq")):
@@ -528,8 +529,13 @@ def check_engine_config(cfg: EngineConfig) -> None:
 
 
 def resolve_defaults(cfg: EngineConfig, model_type: str) -> EngineConfig:
-    """``cfg`` with the options left at None set to ``model_type``'s defaults (archs.gptq_defaults)."""
+    """``cfg`` with the options left at None set to ``model_type``'s defaults (archs.gptq_defaults).
+
+    The FP-output fit needs true-sequential stages, so without them its default is off (an explicit
+    ``fp_target`` there is refused by check_engine_config)."""
     defaults = gptq_defaults(cfg.method, model_type)
+    if not cfg.true_sequential:
+        defaults["fp_target"] = 0.0
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 

@@ -65,7 +65,7 @@ class ExportConfig:
     tau: float = 1.0
     kl_source: str = "layer"
     norm_tokens: bool | None = None  # GPTQ Hessians of output-normalized linears weighted by 1 / ms; None: arch default
-    fp_target: float = 0.0  # > 0: GPTQ/KLAWQ fit the FP model's outputs from quantized inputs, this ridge (engine.py)
+    fp_target: float | None = None  # > 0: GPTQ/KLAWQ fit the FP model's outputs from quantized inputs, this ridge; None: arch default
     rounding: str = "nearest"
     salience: str = "l1"
     propagate: bool = True

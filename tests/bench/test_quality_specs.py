@@ -23,5 +23,6 @@ def test_parse_method():
     # options whose default is the architecture's (None) still parse to their types
     assert parse_method("gptq:shrink=0.5:norm_tokens=0") == ("gptq", {"shrink": 0.5, "norm_tokens": False})
     assert parse_method("gptq:norm_tokens=1") == ("gptq", {"norm_tokens": True})
+    assert parse_method("gptq:fp_target=0") == ("gptq", {"fp_target": 0.0})
     with pytest.raises(AttributeError):
         parse_method("gptq:no_such_option=1")

@@ -166,8 +166,10 @@ def test_engine_options_are_refused_before_the_model_loads(tmp_path, opts, messa
 
 
 @pytest.mark.parametrize("model_type,opts,expect", [
-    ("gemma3_text", {}, "shrink=0,norm_tokens=1"),  # archs.GPTQ_DEFAULTS
-    ("gemma3_text", dict(shrink=0.5, norm_tokens=False), "shrink=0.5"),
+    ("gemma3_text", {}, "shrink=0,norm_tokens=1,fp_target=1"),  # archs.GPTQ_DEFAULTS
+    ("gemma3_text", dict(shrink=0.5, norm_tokens=False), "shrink=0.5,fp_target=1"),
+    ("gemma3_text", dict(fp_target=0.0), "shrink=0,norm_tokens=1"),
+    ("gemma3_text", dict(true_sequential=False), "shrink=0,norm_tokens=1"),
     ("llama", {}, "shrink=0.5"),
 ])
 def test_manifest_records_the_resolved_gptq_defaults(tiny_model_dir, tmp_path, model_type, opts, expect):
@@ -180,7 +182,8 @@ def test_manifest_records_the_resolved_gptq_defaults(tiny_model_dir, tmp_path, m
 
 
 @pytest.mark.parametrize("engine,expect", [
-    (dict(method="gptq"), "rounding=nearest,propagate=1,true_sequential=1,damp=0.01,act_order=1,shrink=0,norm_tokens=1"),
+    (dict(method="gptq"),
+     "rounding=nearest,propagate=1,true_sequential=1,damp=0.01,act_order=1,shrink=0,norm_tokens=1,fp_target=1"),
     (dict(method="klawq", beta=0.5, tau=2.0, shrink=0.3, fp_target=1.0, rounding="greedy", propagate=False),
      "rounding=greedy,propagate=0,true_sequential=1,damp=0.01,act_order=1,shrink=0.3,fp_target=1,"
      "beta=0.5,tau=2,kl_source=layer"),

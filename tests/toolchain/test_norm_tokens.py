@@ -75,37 +75,43 @@ def test_not_with_klawq():
                                                               progress=False))
 
 
-def test_gptq_on_gemma3_defaults_to_no_shrink_and_norm_tokens():
-    """archs.GPTQ_DEFAULTS: `gptq` left at its defaults on Gemma 3 is `gptq` with shrink 0 and
-    norm-weighted Hessians, code for code; on Llama it keeps shrink 0.5 without norm weighting."""
+def test_gptq_on_gemma3_defaults_to_no_shrink_norm_tokens_and_fp_target():
+    """archs.GPTQ_DEFAULTS: `gptq` left at its defaults on Gemma 3 is `gptq` with shrink 0,
+    norm-weighted Hessians and the FP-output fit (ridge 1), code for code; on Llama it keeps shrink
+    0.5 without norm weighting or the fit."""
     ids, spec = _ids(), QuantSpec(4, 32, False)
 
     def gptq(model_type, **opts):
         return _codes(quantize_blocks(_model(model_type), ids, EngineConfig(method="gptq", spec=spec, progress=False,
                                                                             **opts)))
 
-    for model_type, explicit in [("gemma3_text", dict(shrink=0.0, norm_tokens=True)),
-                                 ("llama", dict(shrink=0.5, norm_tokens=False))]:
+    for model_type, explicit in [("gemma3_text", dict(shrink=0.0, norm_tokens=True, fp_target=1.0)),
+                                 ("llama", dict(shrink=0.5, norm_tokens=False, fp_target=0.0))]:
         default, pinned = gptq(model_type), gptq(model_type, **explicit)
         assert default.keys() == pinned.keys()
         for n in default:
             np.testing.assert_array_equal(default[n], pinned[n])
     # on Gemma 3 the generic options give other codes, so the identity above is not vacuous
-    default, generic = gptq("gemma3_text"), gptq("gemma3_text", shrink=0.5, norm_tokens=False)
-    assert any(not np.array_equal(default[n], generic[n]) for n in default)
+    default = gptq("gemma3_text")
+    for other in (dict(shrink=0.5, norm_tokens=False, fp_target=0.0), dict(fp_target=0.0)):
+        generic = gptq("gemma3_text", **other)
+        assert any(not np.array_equal(default[n], generic[n]) for n in default)
 
 
 def test_resolve_defaults_per_method_and_arch():
     from klaq.toolchain.engine import resolve_defaults
 
     gemma = resolve_defaults(EngineConfig(method="gptq"), "gemma3_text")
-    assert (gemma.shrink, gemma.norm_tokens) == (0.0, True)
+    assert (gemma.shrink, gemma.norm_tokens, gemma.fp_target) == (0.0, True, 1.0)
     # what the user sets wins
-    mine = resolve_defaults(EngineConfig(method="gptq", shrink=0.2, norm_tokens=False), "gemma3")
-    assert (mine.shrink, mine.norm_tokens) == (0.2, False)
+    mine = resolve_defaults(EngineConfig(method="gptq", shrink=0.2, norm_tokens=False, fp_target=0.0), "gemma3")
+    assert (mine.shrink, mine.norm_tokens, mine.fp_target) == (0.2, False, 0.0)
+    # the FP-output fit needs true-sequential stages: without them its default is off, not an error
+    one_pass = resolve_defaults(EngineConfig(method="gptq", true_sequential=False), "gemma3_text")
+    assert (one_pass.shrink, one_pass.norm_tokens, one_pass.fp_target) == (0.0, True, 0.0)
     # AWQ-scaled GPTQ and KLAWQ keep the generic defaults (measured: awq+gptq with shrink 0 lost on Gemma)
     for method in ("awq+gptq", "klawq", "awq+klawq"):
         other = resolve_defaults(EngineConfig(method=method), "gemma3_text")
-        assert (other.shrink, other.norm_tokens) == (0.5, False)
+        assert (other.shrink, other.norm_tokens, other.fp_target) == (0.5, False, 0.0)
     llama = resolve_defaults(EngineConfig(method="gptq"), "llama")
-    assert (llama.shrink, llama.norm_tokens) == (0.5, False)
+    assert (llama.shrink, llama.norm_tokens, llama.fp_target) == (0.5, False, 0.0)
