@@ -85,12 +85,14 @@ def available_ram() -> int:
         return 0
 
 
-def choose_where(where: str, n_tokens: int, hidden: int) -> str:
-    """``auto`` -> ``disk`` when inputs + outputs (2 x tokens x hidden x fp32) exceed RAM_SHARE of free RAM."""
+def choose_where(where: str, n_tokens: int, hidden: int, streams: int = 1) -> str:
+    """``auto`` -> ``disk`` when inputs + outputs (2 x tokens x hidden x fp32, per activation stream)
+    exceed RAM_SHARE of free RAM. ``streams`` = 2 with the FP-output fit, which carries the FP
+    model's activations beside the quantized model's."""
     if where not in WHERE:
         raise KlaqError(f"--activations must be one of {', '.join(WHERE)}, got {where!r}")
     if where != "auto":
         return where
-    need = 2 * n_tokens * hidden * 4
+    need = 2 * streams * n_tokens * hidden * 4
     free = available_ram()
     return "disk" if free and need > RAM_SHARE * free else "cpu"

@@ -553,7 +553,8 @@ def quantize_blocks(model, calib_ids: torch.Tensor, cfg: EngineConfig) -> Engine
     if cfg.augment:
         calib_ids = shuffled_windows(np.asarray(calib_ids), cfg.augment, cfg.seed)
     calib_ids = torch.as_tensor(calib_ids, dtype=torch.long)
-    where = choose_where(cfg.activations, calib_ids.numel(), model.config.get_text_config().hidden_size)
+    where = choose_where(cfg.activations, calib_ids.numel(), model.config.get_text_config().hidden_size,
+                         streams=2 if cfg.fp_target else 1)
     awq_block = _awq_fn() if cfg.method.startswith("awq") else None
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise KlaqError(f"--device {cfg.device} requested but no CUDA device is available")

@@ -39,6 +39,10 @@ def test_auto_picks_disk_only_when_ram_is_short(monkeypatch):
     monkeypatch.setattr(act, "available_ram", lambda: 3 * 2**30)
     assert choose_where("auto", 128 * 512, 4096) == "disk"  # 2 GiB > half of 3 GiB
     assert choose_where("cpu", 128 * 512, 4096) == "cpu"
+    # the FP-output fit carries a second stream (the FP model's activations): twice the need
+    monkeypatch.setattr(act, "available_ram", lambda: 6 * 2**30)
+    assert choose_where("auto", 128 * 512, 4096) == "cpu"  # 2 GiB of half of 6 GiB
+    assert choose_where("auto", 128 * 512, 4096, streams=2) == "disk"  # 4 GiB > 3 GiB
     with pytest.raises(KlaqError, match="--activations must be one of auto, cpu, disk"):
         choose_where("gpu", 1, 1)
     with pytest.raises(KlaqError, match="cpu or disk"):

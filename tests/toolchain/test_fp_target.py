@@ -94,3 +94,12 @@ def test_fp_target_needs_true_sequential_stages():
     with pytest.raises(KlaqError, match="true-sequential"):
         quantize_blocks(_model("llama"), _ids(), EngineConfig(method="gptq", fp_target=1.0, true_sequential=False,
                                                              progress=False))
+
+
+def test_engine_fp_target_with_activations_on_disk_is_the_same(tmp_path):
+    """Both activation streams go through the same store: on disk the codes are those of RAM."""
+    ram = _run(fp_target=0.01, activations="cpu")
+    disk = _run(fp_target=0.01, activations="disk", activations_dir=str(tmp_path))
+    assert ram.keys() == disk.keys()
+    for k in ram:
+        np.testing.assert_array_equal(disk[k], ram[k])
