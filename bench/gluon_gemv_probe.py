@@ -32,23 +32,14 @@ from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
-from klaq.kernels.triton_w4a16 import _H2_SUM, repack, w4a16_matmul  # noqa: E402
+from klaq.kernels.triton_w4a16 import _H2_SUM, _colsum_ptx, repack, w4a16_matmul  # noqa: E402
 
 
 def _colsum4(odd: bool) -> str:
-    """gemv_h2's column sum for one quad: $4-$7 the 4 words (pair at bits 0-3/16-19, or 4-7/20-23
-    when ``odd``), $8-$11 their x pairs (halved), $12 the pair's scales, $16 the half2 sum; the sum
-    goes to $0, and $1-$3 (the quad's other 3 slots) stay 0."""
-    mask, mul, add = ("0x00f000f0", "0x24002400", "0xcc80cc80") if odd else ("0x000f000f", "0x34003400",
-                                                                             "0xdc08dc08")
-    lines = [".reg .b32 t0, t1, t2, t3, a, k, m, c;", "mov.b32 k, 0x64006400;", f"mov.b32 m, {mul};",
-             f"mov.b32 c, {add};"]
-    for i in range(4):
-        lines += [f"lop3.b32 t{i}, ${i + 4}, {mask}, k, 0xea;", f"fma.rn.f16x2 t{i}, t{i}, m, c;"]
-    lines += ["mul.f16x2 a, t0, $8;", "fma.rn.f16x2 a, t1, $9, a;", "fma.rn.f16x2 a, t2, $10, a;",
-              "fma.rn.f16x2 a, t3, $11, a;", "fma.rn.f16x2 $0, a, $12, $16;",
-              "mov.b32 $1, 0;", "mov.b32 $2, 0;", "mov.b32 $3, 0;"]
-    return "{\n" + "\n".join(lines) + "\n}\n"
+    """gemv_h2's column sum (``_colsum_ptx``) for one quad under ``pack=4``: $4-$7 the 4 words,
+    $8-$11 their x pairs (halved), $12 the pair's scales, $16 the half2 sum; the sum goes to $0, and
+    $1-$3 (the quad's other 3 slots) are set to 0."""
+    return _colsum_ptx(odd, words=4, xs=8, scale=12, acc=16, zero_outs=(1, 2, 3))
 
 
 _C4_EVEN = gl.constexpr(_colsum4(False))

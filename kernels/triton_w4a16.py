@@ -262,9 +262,12 @@ add.f32 $0, flo, fhi;
 """)
 
 
-def _colsum_ptx(odd: bool) -> str:
+def _colsum_ptx(odd: bool, words: int = 1, xs: int = 5, scale: int = 9, acc: int = 10,
+                zero_outs: tuple[int, ...] = ()) -> str:
     """PTX: pair p of 4 words ($1-$4) of one row, symmetric weights, times their x pairs ($5-$8),
-    summed in half2, scaled once by the pair's scales ($9) and added to the half2 sum $10.
+    summed in half2, scaled once by the pair's scales ($9) and added to the half2 sum $10, into $0.
+    The operand numbers are arguments for a caller with other operands (bench/gluon_gemv_probe.py's
+    ``pack=4`` form, whose other outputs ``zero_outs`` are set to 0).
 
     Each pair becomes (q - 8) / 4 exactly with one LOP3 and one FMA: even p take the nibbles at bits
     0-3 / 16-19 (fp16 1024 + q; * 1/4 - 258), odd p those at bits 4-7 / 20-23 (1024 + 16 q;
@@ -279,9 +282,9 @@ def _colsum_ptx(odd: bool) -> str:
     lines = [".reg .b32 t0, t1, t2, t3, a, k, m, c;", "mov.b32 k, 0x64006400;", f"mov.b32 m, {mul};",
              f"mov.b32 c, {add};"]
     for i in range(4):
-        lines += [f"lop3.b32 t{i}, ${i + 1}, {mask}, k, 0xea;", f"fma.rn.f16x2 t{i}, t{i}, m, c;"]
-    lines += ["mul.f16x2 a, t0, $5;", "fma.rn.f16x2 a, t1, $6, a;", "fma.rn.f16x2 a, t2, $7, a;",
-              "fma.rn.f16x2 a, t3, $8, a;", "fma.rn.f16x2 $0, a, $9, $10;"]
+        lines += [f"lop3.b32 t{i}, ${words + i}, {mask}, k, 0xea;", f"fma.rn.f16x2 t{i}, t{i}, m, c;"]
+    lines += [f"mul.f16x2 a, t0, ${xs};"] + [f"fma.rn.f16x2 a, t{i}, ${xs + i}, a;" for i in (1, 2, 3)]
+    lines += [f"fma.rn.f16x2 $0, a, ${scale}, ${acc};"] + [f"mov.b32 ${o}, 0;" for o in zero_outs]
     return "{\n" + "\n".join(lines) + "\n}\n"
 
 
