@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from klaq._syspath import unshadow_checkout
+
+# `python -m pytest` puts the checkout root on sys.path, where kernels/ would shadow Hugging Face's
+# `kernels` package that transformers imports (klaq/_syspath.py).
+unshadow_checkout()
+
 # Triton kernels run under the interpreter on machines without a GPU (CI). The variable is read
 # when a kernel is defined, so it must be set before any test module imports one.
 if os.environ.get("TRITON_INTERPRET") is None:
