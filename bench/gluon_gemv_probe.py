@@ -25,14 +25,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
-from klaq.kernels.triton_w4a16 import _H2_SUM, _colsum_ptx, repack, w4a16_matmul  # noqa: E402
+from kernels import gemv_baseline, graph_time_us  # noqa: E402
+from klaq.kernels.triton_w4a16 import _H2_SUM, _colsum_ptx  # noqa: E402
 
 
 def _colsum4(odd: bool) -> str:
@@ -131,21 +130,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
-        qw = random_qweight(n, k)
-        base = repack(qw, "cuda")
-        copies = copies_for(base.nbytes())
-        ws = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size,
-                                  base.block_k) for _ in range(copies - 1)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        ref = w4a16_matmul(x, base).float()
-        wd = torch.from_numpy(qw.dequantize()).to("cuda", torch.float16)
-        exact = (x.float() @ wd.float().T)
-        fp16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
-        t_cublas = graph_time_us([partial(F.linear, x, w) for w in fp16])
-        t_h2 = graph_time_us([partial(w4a16_matmul, x, w) for w in ws])
-        err_h2 = float((ref - exact).abs().max() / exact.abs().max())
-        print(f"{n}x{k}: cuBLAS {t_cublas:.2f} us; gemv_h2 {t_h2:.2f} us ({t_cublas / t_h2:.2f}x) rel err {err_h2:.1e}",
-              flush=True)
+        base, ws, x, exact, t_cublas = gemv_baseline(n, k)
         for cfg in args.configs.split(","):
             bn, nw = map(int, cfg.rstrip("s").split("x"))
             slot0 = cfg.endswith("s")

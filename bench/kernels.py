@@ -71,6 +71,30 @@ def graph_time_us(fns, reps: int = 5) -> float:
     return float(np.median(times))
 
 
+def gemv_baseline(n: int, k: int):
+    """The M = 1 probes' common case (bench/gluon_gemv_probe.py, bench/tma_gemv_probe.py): a random
+    weight, enough copies to exceed L2, one fp16 row x, the exact fp32 product, and cuBLAS fp16 and
+    the dispatch's default (``gemv_h2``) timed and printed as one line.
+
+    Returns ``(base, ws, x, exact, t_cublas)``, ``ws`` being ``base`` and its copies.
+    """
+    qw = random_qweight(n, k)
+    base = repack(qw, "cuda")
+    ws = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size,
+                              base.block_k) for _ in range(copies_for(base.nbytes()) - 1)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    wd = torch.from_numpy(qw.dequantize()).to("cuda", torch.float16)
+    exact = x.float() @ wd.float().T
+    fp16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
+    t_cublas = graph_time_us([partial(F.linear, x, w) for w in fp16])
+    t_h2 = graph_time_us([partial(w4a16_matmul, x, w) for w in ws])
+    ref = w4a16_matmul(x, base).float()
+    err_h2 = float((ref - exact).abs().max() / exact.abs().max())
+    print(f"{n}x{k}: cuBLAS {t_cublas:.2f} us; gemv_h2 {t_h2:.2f} us ({t_cublas / t_h2:.2f}x) rel err {err_h2:.1e}",
+          flush=True)
+    return base, ws, x, exact, t_cublas
+
+
 def tinygemm_pack(qw: QuantizedWeight, device):
     """PyTorch's int4 layout: uint8 (even code in the high nibble), bf16 scale+zero [G, N, 2]."""
     n, k = qw.codes.shape

@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -39,22 +38,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
-from klaq.kernels.triton_w4a16 import _H2_SUM, _colsum_ptx, repack, w4a16_matmul  # noqa: E402
+from gluon_gemv_probe import _C4_EVEN, _C4_ODD, _CONS, _SUM, _half2  # noqa: E402  (its quad column sum)
 
-_C4_EVEN = gl.constexpr(_colsum_ptx(False, words=4, xs=8, scale=12, acc=16, zero_outs=(1, 2, 3)))
-_C4_ODD = gl.constexpr(_colsum_ptx(True, words=4, xs=8, scale=12, acc=16, zero_outs=(1, 2, 3)))
-_SUM = gl.constexpr(_H2_SUM.value)
-_CONS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
+from kernels import gemv_baseline, graph_time_us  # noqa: E402
+
 # Triton 3.6 (the device) names the TMA load async_copy_global_to_shared; later ones async_load
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # renamed likewise
-
-
-@gluon.jit
-def _half2(a, b):
-    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [a, b], dtype=gl.int32, is_pure=True,
-                                     pack=1)
 
 
 @gluon.jit
@@ -199,21 +189,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
-        qw = random_qweight(n, k)
-        base = repack(qw, "cuda")
-        copies = copies_for(base.nbytes())
-        ws = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size,
-                                  base.block_k) for _ in range(copies - 1)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        wd = torch.from_numpy(qw.dequantize()).to("cuda", torch.float16)
-        exact = x.float() @ wd.float().T
-        fp16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
-        t_cublas = graph_time_us([partial(F.linear, x, w) for w in fp16])
-        t_h2 = graph_time_us([partial(w4a16_matmul, x, w) for w in ws])
-        ref = w4a16_matmul(x, base).float()
-        err_h2 = float((ref - exact).abs().max() / exact.abs().max())
-        print(f"{n}x{k}: cuBLAS {t_cublas:.2f} us; gemv_h2 {t_h2:.2f} us ({t_cublas / t_h2:.2f}x) rel err {err_h2:.1e}",
-              flush=True)
+        base, ws, x, exact, t_cublas = gemv_baseline(n, k)
         for cfg in args.configs.split(","):
             parts = list(map(int, cfg.split(":")))
             bn, wr, wq = parts[:3]
