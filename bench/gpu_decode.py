@@ -9,6 +9,8 @@ quantized W4 g64 symmetric with RTN (Q4_0 blocks), embedding/head fp16, as klaq-
   ``--new-tokens`` greedy tokens (device-side loop), the generate()-style host loop (numpy logits
   every step), achieved GB/s (weights + KV bytes read per step / step time) and its fraction of the
   target's bandwidth, and decode time split into matmuls vs the rest (graph of the matmuls alone);
+* the same with programmatic dependent launch off (``KLAQ_PDL=0``: each kernel starts only when the
+  one before has finished), for the A/B;
 * the same with ``--backend torch`` kernels (dequantize + cuBLAS, plain torch ops: the Jetson path);
 * transformers' fp16 ``generate`` on a random-init LlamaForCausalLM of the same shapes;
 * greedy tokens of the CUDA path vs the numpy runtime for ``--check-tokens`` tokens, plus a
@@ -235,8 +237,11 @@ def markdown(res: dict) -> str:
         return (f"| {name} | **{r['tok_s']:.0f}** | {1e3 / r['tok_s']:.3f} | {r['matmul_s'] * 1e3:.3f} / "
                 f"{r['rest_s'] * 1e3:.3f} | {r['achieved_gbs']:.0f} | {100 * r['bandwidth_fraction']:.1f}% | {ratio} |")
 
-    lines.append(row(f"klaq torch backend, Triton W4A16 + fused ops, CUDA graph (M=1 launch "
+    pdl = ", programmatic dependent launch" if k.get("pdl") else ""
+    lines.append(row(f"klaq torch backend, Triton W4A16 + fused ops, CUDA graph{pdl} (M=1 launch "
                      f"{k['decode_config'] or 'default'}, attention {k['attn_block_n']} keys/step)", k))
+    if res.get("klaq_triton_no_pdl"):
+        lines.append(row("the same with programmatic dependent launch off (`KLAQ_PDL=0`)", res["klaq_triton_no_pdl"]))
     if t:
         lines.append(row("klaq torch backend, `--backend torch` (dequant + cuBLAS, torch ops), CUDA graph", t))
     if hf:
@@ -281,6 +286,7 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="try the SWEEP launch settings first, bench the best")
     ap.add_argument("--skip-torch-backend", action="store_true")
+    ap.add_argument("--skip-no-pdl", action="store_true", help="skip the run with KLAQ_PDL=0")
     ap.add_argument("--json")
     ap.add_argument("--markdown", help="update the '## GPU decode' section of this file")
     args = ap.parse_args()
@@ -290,6 +296,7 @@ def main() -> int:
     import triton
 
     from klaq.formats.gguf_package import read_package
+    from klaq.kernels.pdl import pdl_enabled
     from klaq.targets.profiles import get_target
 
     bandwidth = args.bandwidth_gbs or get_target("cuda").bandwidth_gbs
@@ -320,7 +327,18 @@ def main() -> int:
     res["check"] = check_vs_numpy(pf, k["model"], prompt, args.check_tokens)
     print("check:", {x: y for x, y in res["check"].items() if not x.endswith("tokens")}, flush=True)
     res["klaq_triton"] = {x: y for x, y in k.items() if x not in ("model", "tokens")}
+    res["klaq_triton"]["pdl"] = pdl_enabled("cuda")
     del k
+    if not args.skip_no_pdl and res["klaq_triton"]["pdl"]:
+        os.environ["KLAQ_PDL"] = "0"
+        try:
+            k0 = bench_klaq(pf, "triton", prompt, args.new_tokens, bandwidth, *best)
+        finally:
+            del os.environ["KLAQ_PDL"]
+        print(f"klaq triton, PDL off: {k0['tok_s']:.0f} tok/s, step {k0['step_s'] * 1e3:.3f} ms "
+              f"(matmul {k0['matmul_s'] * 1e3:.3f})", flush=True)
+        res["klaq_triton_no_pdl"] = {x: y for x, y in k0.items() if x not in ("model", "tokens")}
+        del k0
     if not args.skip_torch_backend:
         t = bench_klaq(pf, "torch", prompt, args.new_tokens, bandwidth)
         print(f"klaq torch: {t['tok_s']:.0f} tok/s, step {t['step_s'] * 1e3:.3f} ms", flush=True)

@@ -93,7 +93,7 @@ def main():
                 for cfg in [{}] + [c for c in grid if only is None or c["kernel"] in only]:
                     try:
                         err = ((w4a16_matmul(x, base, **cfg).float() - ref).norm() / ref.norm()).item()
-                        t = graph_time_us([partial(w4a16_matmul, x, w, **cfg) for w in ours], reps=3)
+                        t = graph_time_us([partial(w4a16_matmul, x, w, **{"pdl": False, **cfg}) for w in ours], reps=3)
                     except Exception as e:  # resource limits of a config
                         print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                         continue

@@ -41,6 +41,11 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
 
+On Hopper the GEMVs launch with programmatic dependent launch (:mod:`klaq.kernels.pdl`): a program
+prefetches its weight rows into L2, lets the next kernel launch, and waits for the previous one
+before it reads x or writes anything, so in a decode step its launch and first DRAM round trip
+overlap the kernel before it.
+
 Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.3-2.9x cuBLAS fp16 on
 Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
 0.8-1.2x (0.9-1.4x with ``wgmma``); M = 256 0.5-0.6x (0.8-0.94x with ``wgmma``).
@@ -58,6 +63,8 @@ import triton
 import triton.language as tl
 
 from klaq.formats.qweight import QuantizedWeight
+
+from .pdl import launch_kwargs, pdl_enabled, pdl_enter_rows, pdl_trigger
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
@@ -193,7 +200,9 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                  group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                 PDL_LATE: tl.constexpr = False):
     # Every tensor is [BLOCK_M, BLOCK_N, SUB] and loaded with that shape (x through a broadcast
     # pointer: redundant lanes hit L1), so all share one register layout and nothing goes through
     # shared memory. Products accumulate elementwise; the one reduction over K is at the end (a
@@ -213,6 +222,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     x_ptrs = x_ptr + m3 * stride_xm + jx + zero
     acc = tl.zeros((BLOCK_M, BLOCK_N, SUB), dtype=tl.float32)
     t0 = pid_k * tiles_per_split
+    pdl_enter_rows(w_ptr, pid_n * BLOCK_N, N, Kw, t0 * SUB, tl.minimum(t0 + tiles_per_split, n_tiles) * SUB, BLOCK_N,
+                   PDL, PREFETCH, PDL_LATE)
     for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
         w = tl.load(w_ptrs + t * SUB, eviction_policy="evict_first")
         for i in tl.static_range(8):
@@ -225,6 +236,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
             s16, c = _group_affine(s_ptrs + g * N, o_ptrs + g * N, None, HAS_ZERO)
             wd = _nibble_1p(w, i) * s16 - c  # q * s - o
             acc += wd * xk.to(tl.float32)
+    pdl_trigger(PDL, PDL_LATE)
     out = tl.sum(acc, axis=2)
     m2 = tl.arange(0, BLOCK_M)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
@@ -381,7 +393,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                     group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                     TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                     PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True, X_AHEAD: tl.constexpr = False,
-                    S_AHEAD: tl.constexpr = False):
+                    S_AHEAD: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                 PDL_LATE: tl.constexpr = False):
     # M = 1, fp16 activations. Each step takes TILES K-tiles of BLOCK_N rows ([BLOCK_N, TILES, SUB]
     # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
     # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
@@ -402,6 +415,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
         acc = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    pdl_enter_rows(w_ptr, pid_n * BLOCK_N, N, Kw, t_start * SUB, t_end * SUB, BLOCK_N, PDL, PREFETCH, PDL_LATE)
     # X_AHEAD: the next step's x is loaded at the top of this one (its latency off the FMA chain)
     tt0 = t_start + t3
     xa0, xb0 = _x_pair(x_ptr, tt0, tt0 < t_end, 0, j3, K, SUB, EVEN_K)
@@ -476,6 +490,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
             acc += acc_a.to(tl.float32) + acc_b.to(tl.float32)
         if X_AHEAD:
             xa0, xb0, xa1, xb1, xa2, xb2, xa3, xb3 = na0, nb0, na1, nb1, na2, nb2, na3, nb3
+    pdl_trigger(PDL, PDL_LATE)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     if COLSUM:
         out = out * 8.0  # the weights were (q - 8) / 4 and x / 2
@@ -571,7 +586,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
 @triton.jit
 def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw, stride_xm, stride_ym,
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+                      TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                 PDL_LATE: tl.constexpr = False):
     # M = 1 only. Like _gemv_kernel, but each step loads TILES K-tiles of BLOCK_N rows at once
     # ([BLOCK_N, TILES, SUB] words): more bytes in flight per program, so few programs (small N,
     # no split-K) still keep enough loads outstanding to cover DRAM latency.
@@ -585,6 +602,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     acc = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    pdl_enter_rows(w_ptr, pid_n * BLOCK_N, N, Kw, t_start * SUB, t_end * SUB, BLOCK_N, PDL, PREFETCH, PDL_LATE)
     for t0 in range(t_start, t_end, TILES):
         tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
         for i in tl.static_range(8):
@@ -596,6 +614,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
             g = kb // group_size
             s16, c = _group_affine(s_ptr + g * N + n3, o_ptr + g * N + n3, live, HAS_ZERO)
             acc += (_nibble_1p(w, i) * s16 - c) * xk.to(tl.float32)
+    pdl_trigger(PDL, PDL_LATE)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
@@ -764,13 +783,17 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, tiles: int | None = None,
                  h2: bool | None = None, x_ahead: bool | None = None,
-                 s_ahead: bool | None = None) -> torch.Tensor:
+                 s_ahead: bool | None = None, pdl: bool | None = None,
+                 prefetch: bool | None = None, pdl_late: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_h2`` (M = 1, fp16, half2 arithmetic;
     ``tiles`` K-tiles per step), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per step, fp32), ``gemm`` /
     ``gemm_swap`` (tensor cores, x or the weight as the left operand; ``h2=False`` keeps their fp32
     dequantization for fp16 x), or ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
+    ``pdl``: launch the GEMVs with programmatic dependent launch (kernels/pdl.py; default: on Hopper and
+    later unless ``KLAQ_PDL=0``), ``prefetch``: with it, their weight rows go to L2 before the wait,
+    ``pdl_late``: the next kernel may launch only after the main loop (default: at the start).
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
@@ -817,6 +840,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     split = -(-w.n_tiles // tps)  # no empty programs
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemv = kind.startswith("gemv")
+    use_pdl = gemv and not _INTERPRET and (pdl if pdl is not None else pdl_enabled(x.device))
+    pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and (prefetch if prefetch is not None else cfg.get("prefetch", True)),
+                    PDL_LATE=use_pdl and (pdl_late if pdl_late is not None else cfg.get("pdl_late", False)),
+                    **launch_kwargs(use_pdl))
     tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
     ws, counters = _workspace(x.device, m * n if split > 1 else 0, tiles_out)
     offsets = w.offsets if w.offsets is not None else w.scales  # unused when symmetric
@@ -827,13 +854,13 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
     pair_group = w.group_size % (w.block_k // 4) == 0  # slices 2p and 2p + 1 always share a group
     if kind == "gemv":
-        _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta)
+        _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta, **pdl_meta)
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
             *args, TILES=step, PAIR_GROUP=pair_group, ASM=not _INTERPRET, X_AHEAD=bool(cfg.get("x_ahead", False)),
-            S_AHEAD=bool(cfg.get("s_ahead", False)), **meta)
+            S_AHEAD=bool(cfg.get("s_ahead", False)), **meta, **pdl_meta)
     elif kind == "gemv_wide":
-        _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta)
+        _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta, **pdl_meta)
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
         use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)

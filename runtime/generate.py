@@ -32,6 +32,7 @@ class RunReport:
     bandwidth_fraction: float | None = None  # achieved_gbs / the target's memory bandwidth
     decode_matmul_s: float | None = None  # decode time in the quantized matmuls (CUDA graph path)
     decode_rest_s: float | None = None
+    pdl: bool | None = None  # the GPU kernels launch with programmatic dependent launch (kernels/pdl.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +44,8 @@ class RunReport:
         split = ""
         if self.decode_matmul_s is not None:
             split = f" | decode time: matmul {self.decode_matmul_s:.3f} s, rest {self.decode_rest_s:.3f} s"
+        if self.pdl is not None:
+            split += f" | PDL {'on' if self.pdl else 'off'}"
         return (
             f"{self.backend}/{self.device} | load {self.load_s:.2f} s | prompt {self.prompt_tokens} tok | "
             f"TTFT {self.ttft_s * 1e3:.0f} ms | prefill {self.prefill_tok_s:.1f} tok/s | "
@@ -130,6 +133,7 @@ def generate(
         peak_rss_mb=peak_rss_mb(), weight_bytes=pkg.file.weight_bytes, achieved_gbs=gbs, text=final,
         device=pkg.device, backend=pkg.backend, bytes_per_step=bytes_per_step, target=target,
         bandwidth_fraction=fraction, decode_matmul_s=matmul_s, decode_rest_s=rest_s,
+        pdl=model.uses_pdl if str(pkg.device).startswith("cuda") and hasattr(model, "uses_pdl") else None,
     )
 
 

@@ -245,6 +245,16 @@ class TorchDecoder:
         self.attn_block_n = 128  # keys per step of the Triton decode-attention loop
         self.embed_scale = float(np.float32(np.sqrt(hp.hidden))) if self.facts.embed_scale else None
 
+    @property
+    def uses_pdl(self) -> bool:
+        """Whether the decode step's Triton kernels launch with programmatic dependent launch
+        (klaq.kernels.pdl: Hopper or later, ``KLAQ_PDL`` not 0; read when a graph is captured)."""
+        if self.device.type != "cuda" or (self.backend != "triton" and self._ops is None):
+            return False
+        from klaq.kernels.pdl import pdl_enabled
+
+        return pdl_enabled(self.device)
+
     # -- sizes -----------------------------------------------------------------------------
     def set_decode_config(self, config: dict | None) -> None:
         """Triton launch overrides (``block_n``, ``split``, ``num_warps`` ...) for the M = 1 matmuls.

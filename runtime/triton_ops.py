@@ -15,6 +15,8 @@ block to four launches, each written against the plain-torch versions in
 * :func:`act_mul`: ``act(gate) * up`` on the fused gate/up output.
 
 Positions are read from device memory everywhere, so shapes never change between decode steps.
+On Hopper each kernel launches with programmatic dependent launch and waits for its predecessor
+before touching memory (:mod:`klaq.kernels.pdl`), so its launch overlaps the kernel before it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ import torch
 import triton
 import triton.language as tl
 
+from klaq.kernels.pdl import launch_kwargs, pdl_enabled, pdl_enter
+
+
+def _pdl(t: torch.Tensor) -> dict:
+    """``PDL`` and ``launch_pdl`` for a kernel on ``t``'s device (klaq.kernels.pdl: it waits for the
+    previous kernel before touching memory, so it may launch while that one still runs)."""
+    on = pdl_enabled(t.device)
+    return dict(PDL=on, **launch_kwargs(on))
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, H, eps,
-                        HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -51,7 +64,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, post_w: torch.Tenso
     block = triton.next_power_of_2(h)
     _add_rmsnorm_kernel[(m,)](x, x if delta is None else delta, w if post_w is None else post_w, w, out, h, eps,
                               HAS_DELTA=delta is not None, HAS_POST=post_w is not None, BLOCK=block,
-                              num_warps=4 if block <= 2048 else 8)
+                              num_warps=4 if block <= 2048 else 8, **_pdl(x))
     return out
 
 
@@ -59,7 +72,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, post_w: torch.Tenso
 def _rope_qkv_kernel(qkv_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_ptr, kc_ptr, vc_ptr,
                      stride_qkv, max_len, eps,
                      H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                     ADJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QKNORM: tl.constexpr):
+                     ADJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QKNORM: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     half: tl.constexpr = D // 2
@@ -115,14 +130,16 @@ def rope_qkv(qkv: torch.Tensor, bias, pos: torch.Tensor, cos: torch.Tensor, sin:
         qkv, qkv if bias is None else bias, pos, cos, sin, cos if q_norm is None else q_norm,
         cos if k_norm is None else k_norm, q, k_cache, v_cache, qkv.stride(0), k_cache.shape[1], eps,
         H=n_heads, HKV=n_kv, D=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), ADJ=adjacent,
-        HAS_BIAS=bias is not None, HAS_QKNORM=q_norm is not None, num_warps=1 if head_dim <= 128 else 2)
+        HAS_BIAS=bias is not None, HAS_QKNORM=q_norm is not None, num_warps=1 if head_dim <= 128 else 2,
+        **_pdl(qkv))
     return q
 
 
 @triton.jit
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, max_len, window, scale,
                         H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, LOCAL: tl.constexpr):
+                        BLOCK_N: tl.constexpr, LOCAL: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -164,12 +181,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty((m, h * d), device=q.device, dtype=q.dtype)
     _decode_attn_kernel[(m, h)](q, k_cache, v_cache, pos, out, max_len, max(window, 1), scale, H=h,
                                 GROUP=h // n_kv, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
-                                LOCAL=window > 0, num_warps=4 if block_n <= 64 else 8)
+                                LOCAL=window > 0, num_warps=4 if block_n <= 64 else 8, **_pdl(q))
     return out
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, out_ptr, F, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(gu_ptr, out_ptr, F, GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -189,5 +207,5 @@ def act_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     f = f2 // 2
     out = torch.empty((m, f), device=gate_up.device, dtype=gate_up.dtype)
     block = min(1024, triton.next_power_of_2(f))
-    _act_mul_kernel[(m, triton.cdiv(f, block))](gate_up, out, f, GELU=gelu, BLOCK=block, num_warps=4)
+    _act_mul_kernel[(m, triton.cdiv(f, block))](gate_up, out, f, GELU=gelu, BLOCK=block, num_warps=4, **_pdl(gate_up))
     return out

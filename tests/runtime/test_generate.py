@@ -45,3 +45,12 @@ def test_report_bandwidth_against_target(tiny_q4_package):
     rep = generate(pkg, "Hi", max_new_tokens=2, target="rpi5")
     assert rep.bandwidth_fraction == rep.achieved_gbs / 17.0
     assert "% of rpi5" in rep.format() and hp.n_layers == 2
+
+
+def test_report_says_whether_pdl_was_on(tiny_q4_package):
+    from dataclasses import replace
+
+    rep = generate(load_package(str(tiny_q4_package)), "Hi", max_new_tokens=2, stop_at_eos=False)
+    assert rep.pdl is None and "PDL" not in rep.format()  # numpy on the CPU: no GPU kernels
+    assert replace(rep, pdl=True).format().endswith("| PDL on")
+    assert replace(rep, pdl=False).format().endswith("| PDL off")

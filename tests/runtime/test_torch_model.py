@@ -196,3 +196,27 @@ def test_cuda_graph_step_equals_eager(packages):
         assert rel(a, b) < 5e-3
     split = model.decode_split(ca, iters=5)
     assert 0 < split.matmul_s < split.step_s
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_cuda_graph_with_pdl_equals_without(packages, arch, monkeypatch):
+    """Programmatic dependent launch changes when kernels start, never what they compute: the
+    graph's logits are bit-identical with it on and off (KLAQ_PDL), over several decode steps."""
+    if not has_triton():
+        pytest.skip("needs triton")
+    pf = packages(arch)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KLAQ_PDL", flag)
+        model = TorchDecoder(pf, "cuda")
+        cache = model.new_cache(48)
+        model.forward(PROMPT, cache)
+        runs[flag] = (model.uses_pdl, [model.decode_step(tok, cache) for tok in (3, 9, 27, 81, 5)])
+    assert runs["0"][0] is False
+    for a, b in zip(runs["1"][1], runs["0"][1], strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_uses_pdl_only_on_cuda(packages):
+    assert TorchDecoder(packages("llama"), "cpu").uses_pdl is False

@@ -1,0 +1,180 @@
+"""Programmatic dependent launch (kernels/pdl.py).
+
+On CPU: when it is on, and the compiled sm_90 code of every PDL kernel (built here without a GPU)
+touches no global memory before ``griddepcontrol.wait`` except the L2 prefetch of weight rows.
+On a GPU: a dependent chain of GEMVs replayed as a CUDA graph with PDL gives bit-for-bit the
+outputs of the same chain run eagerly without it (split-K atomics and all three GEMVs included).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from w4_helpers import HAS_CUDA, random_qweight
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+from klaq.kernels import pdl  # noqa: E402
+from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def test_off_without_a_hopper_gpu(monkeypatch):
+    assert not pdl.pdl_enabled("cpu")
+    assert pdl.launch_kwargs(False) == {} and pdl.launch_kwargs(True) == {"launch_pdl": True}
+    monkeypatch.setenv("KLAQ_PDL", "0")
+    assert not pdl.pdl_enabled("cuda")
+    monkeypatch.setattr(pdl, "_INTERPRET", True)
+    monkeypatch.setenv("KLAQ_PDL", "1")
+    assert not pdl.pdl_enabled("cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_on_by_compute_capability(monkeypatch):
+    monkeypatch.setenv("KLAQ_PDL", "1")
+    if pdl._INTERPRET:
+        pytest.skip("the interpreter runs no griddepcontrol")
+    assert pdl.pdl_enabled("cuda") == (torch.cuda.get_device_capability()[0] >= 9)
+
+
+# -- compiled for sm_90 on any machine ---------------------------------------------------------
+# In a subprocess: without a GPU the root conftest turns on Triton's interpreter, whose kernels
+# cannot be compiled; the child runs without it, builds PTX for sm_90 and sends it back as JSON.
+
+_W4_SIG = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32",
+               cnt_ptr="*i32", M="i32", N="i32", K="i32", Kw="i32", stride_xm="i32", stride_ym="i32",
+               group_size="i32", tiles_per_split="i32", n_tiles="i32")
+_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False)
+W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
+    "gemv_h2": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=8, TILES=2, SPLIT=1, PAIR_GROUP=True, ASM=True,
+                                        X_AHEAD=True, S_AHEAD=True)),
+    "gemv_h2 split-K": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=32, TILES=2, SPLIT=4, PAIR_GROUP=True, ASM=True,
+                                                X_AHEAD=True, S_AHEAD=False)),
+    "gemv_wide": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1)),
+    "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4)),
+}
+OPS_CASES = {  # name: (kernel in klaq.runtime.triton_ops, signature, constexprs)
+    "add_rmsnorm": ("_add_rmsnorm_kernel", dict(x_ptr="*fp32", d_ptr="*fp16", pw_ptr="*fp32", w_ptr="*fp32",
+                                                out_ptr="*fp16", H="i32", eps="fp32"),
+                    dict(HAS_DELTA=True, HAS_POST=True, BLOCK=1024)),
+    "rope_qkv": ("_rope_qkv_kernel", dict(qkv_ptr="*fp16", b_ptr="*fp32", pos_ptr="*i64", cos_ptr="*fp32",
+                                          sin_ptr="*fp32", qn_ptr="*fp32", kn_ptr="*fp32", q_ptr="*fp16",
+                                          kc_ptr="*fp16", vc_ptr="*fp16", stride_qkv="i32", max_len="i32",
+                                          eps="fp32"),
+                 dict(H=9, HKV=3, D=64, HALF_BLOCK=32, ADJ=False, HAS_BIAS=True, HAS_QKNORM=True)),
+    "decode_attention": ("_decode_attn_kernel", dict(q_ptr="*fp16", kc_ptr="*fp16", vc_ptr="*fp16",
+                                                     pos_ptr="*i64", o_ptr="*fp16", max_len="i32", window="i32",
+                                                     scale="fp32"),
+                         dict(H=9, GROUP=3, D=64, BLOCK_D=64, BLOCK_N=128, LOCAL=True)),
+    "act_mul": ("_act_mul_kernel", dict(gu_ptr="*fp16", out_ptr="*fp16", F="i32"), dict(GELU=True, BLOCK=1024)),
+}
+_CHILD = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from klaq.kernels import triton_w4a16
+from klaq.runtime import triton_ops
+out = {}
+for key, module, name, sig, consts in json.loads(sys.stdin.read()):
+    fn = getattr({"w4": triton_w4a16, "ops": triton_ops}[module], name)
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=1))
+    out[key] = k.asm["ptx"]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_ptx():
+    """PTX for sm_90 of every case, with PDL (and the prefetch on and off for the GEMVs), plus gemv_h2
+    without PDL."""
+    jobs = [(f"{name} prefetch={p} late={late}", "w4", fn, _W4_SIG, dict(c, PDL=True, PREFETCH=p, PDL_LATE=late))
+            for name, (fn, c) in W4_CASES.items() for p in (True, False) for late in (False, True)]
+    fn, c = W4_CASES["gemv_h2"]
+    jobs.append(("gemv_h2 off", "w4", fn, _W4_SIG, dict(c, PDL=False, PREFETCH=True, PDL_LATE=True)))
+    jobs += [(name, "ops", fn, sig, dict(c, PDL=True)) for name, (fn, sig, c) in OPS_CASES.items()]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs), capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _check_order(ptx: str, prefetch: bool, late: bool = False):
+    """launch_dependents, then wait (``late``: wait, then the loop's loads, then launch_dependents);
+    no global load, store or atomic before the wait; the bulk L2 prefetch (weights only) before it
+    when asked for."""
+    wait = ptx.index("griddepcontrol.wait")
+    trigger = ptx.index("griddepcontrol.launch_dependents")
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    if late:
+        assert trigger > wait and re.search(r"\bld\.global", ptx[wait:trigger])
+    else:
+        assert trigger < wait
+    before = ptx[:wait]
+    assert not re.search(r"\b(ld|st|atom|red)\.global", before), "memory touched before the wait"
+    assert ("cp.async.bulk.prefetch.L2.global" in before) == prefetch
+    assert re.search(r"\bld\.global", ptx[wait:])
+
+
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("name", list(W4_CASES))
+def test_gemv_waits_before_touching_memory(sm90_ptx, name, prefetch, late):
+    _check_order(sm90_ptx[f"{name} prefetch={prefetch} late={late}"], prefetch, late)
+
+
+def test_gemv_without_pdl_has_no_griddepcontrol(sm90_ptx):
+    ptx = sm90_ptx["gemv_h2 off"]
+    assert "griddepcontrol" not in ptx and "cp.async.bulk.prefetch" not in ptx
+
+
+@pytest.mark.parametrize("name", list(OPS_CASES))
+def test_runtime_ops_wait_before_touching_memory(sm90_ptx, name):
+    _check_order(sm90_ptx[name], prefetch=False)
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+
+CHAIN = [  # (kernel, launch overrides): every GEMV path, split-K's atomics and counters included
+    ("gemv_h2", dict()), ("gemv_h2", dict(split=4, block_n=32)), ("gemv_wide", dict(tiles=2)),
+    ("gemv", dict(split=3)), ("gemv_h2", dict(prefetch=False)), ("gemv_wide", dict(split=2, block_n=4)),
+    ("gemv_h2", dict(pdl_late=True, split=2)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("n,group_size", [(1600, 64), (4096, 128)])
+def test_dependent_chain_in_a_graph_matches_eager(n, group_size):
+    """Each GEMV reads the previous one's output: a PDL kernel that read x before its wait would see a
+    stale or half-written x here, and the replay would differ from the eager chain."""
+    if not pdl.pdl_enabled("cuda"):
+        pytest.skip("PDL needs compute capability 9.0+")
+    ws = [repack(random_qweight(n, n, group_size, asym=(i == 3), seed=i), "cuda") for i in range(len(CHAIN))]
+    x0 = (torch.randn(1, n, device="cuda") * 0.5).half()
+
+    def run(use_pdl: bool):
+        x = x0
+        for w, (kernel, cfg) in zip(ws, CHAIN, strict=True):
+            x = w4a16_matmul(x, w, kernel=kernel, pdl=use_pdl, **cfg)
+        return x
+
+    want = [run(False) for _ in range(2)]
+    assert torch.equal(want[0], want[1]) and torch.isfinite(want[0]).all()
+    run(True)  # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = run(True)
+    for _ in range(5):
+        got.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want[0])
+    assert torch.equal(run(True), want[0])  # eager PDL launches too
