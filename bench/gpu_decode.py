@@ -75,8 +75,10 @@ def sync():
 
 
 SWEEP = [  # (M = 1 Triton matmul launch overrides, decode-attention keys per step)
-    (None, 64), (None, 128), (dict(tiles=2), 128), (dict(num_warps=8), 128), (dict(block_n=16, tiles=2), 128),
-    (dict(kernel="gemv", block_m=1, block_n=16, split=4, num_warps=4, num_stages=1), 128),  # the old default
+    (None, 128), (None, 64), (dict(tiles=2), 128),
+    # programmatic dependent launch (kernels/pdl.py) for the GEMVs: off (the fused ops keep it), with
+    # the L2 prefetch of each program's weight rows, with the next kernel let in after the main loop
+    (dict(pdl=False), 128), (dict(prefetch=True), 128), (dict(pdl_late=True), 128),
 ]
 
 

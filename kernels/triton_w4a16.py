@@ -841,7 +841,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemv = kind.startswith("gemv")
     use_pdl = gemv and not _INTERPRET and (pdl if pdl is not None else pdl_enabled(x.device))
-    pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and (prefetch if prefetch is not None else cfg.get("prefetch", True)),
+    pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and (prefetch if prefetch is not None else cfg.get("prefetch", False)),
                     PDL_LATE=use_pdl and (pdl_late if pdl_late is not None else cfg.get("pdl_late", False)),
                     **launch_kwargs(use_pdl))
     tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
