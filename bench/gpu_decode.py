@@ -9,8 +9,8 @@ quantized W4 g64 symmetric with RTN (Q4_0 blocks), embedding/head fp16, as klaq-
   ``--new-tokens`` greedy tokens (device-side loop), the generate()-style host loop (numpy logits
   every step), achieved GB/s (weights + KV bytes read per step / step time) and its fraction of the
   target's bandwidth, and decode time split into matmuls vs the rest (graph of the matmuls alone);
-* the same with programmatic dependent launch off (``KLAQ_PDL=0``: each kernel starts only when the
-  one before has finished), for the A/B;
+* the same with programmatic dependent launch on (``KLAQ_PDL=1``, kernels/pdl.py: each kernel may
+  launch while the one before still runs), for the A/B;
 * the same with ``--backend torch`` kernels (dequantize + cuBLAS, plain torch ops: the Jetson path);
 * transformers' fp16 ``generate`` on a random-init LlamaForCausalLM of the same shapes;
 * greedy tokens of the CUDA path vs the numpy runtime for ``--check-tokens`` tokens, plus a
@@ -76,9 +76,9 @@ def sync():
 
 SWEEP = [  # (M = 1 Triton matmul launch overrides, decode-attention keys per step)
     (None, 128), (None, 64), (dict(tiles=2), 128),
-    # programmatic dependent launch (kernels/pdl.py) for the GEMVs: off (the fused ops keep it), with
-    # the L2 prefetch of each program's weight rows, with the next kernel let in after the main loop
-    (dict(pdl=False), 128), (dict(prefetch=True), 128), (dict(pdl_late=True), 128),
+    # programmatic dependent launch (kernels/pdl.py) for the GEMVs alone (the fused ops follow KLAQ_PDL):
+    # plain, with the L2 prefetch of each program's weight rows, with the next kernel let in after the loop
+    (dict(pdl=True), 128), (dict(pdl=True, prefetch=True), 128), (dict(pdl=True, pdl_late=True), 128),
 ]
 
 
@@ -242,8 +242,10 @@ def markdown(res: dict) -> str:
     pdl = ", programmatic dependent launch" if k.get("pdl") else ""
     lines.append(row(f"klaq torch backend, Triton W4A16 + fused ops, CUDA graph{pdl} (M=1 launch "
                      f"{k['decode_config'] or 'default'}, attention {k['attn_block_n']} keys/step)", k))
-    if res.get("klaq_triton_no_pdl"):
-        lines.append(row("the same with programmatic dependent launch off (`KLAQ_PDL=0`)", res["klaq_triton_no_pdl"]))
+    if res.get("klaq_triton_pdl"):
+        same = "same" if res["klaq_triton_pdl"]["tokens_equal"] else "DIFFERENT"
+        lines.append(row(f"the same with programmatic dependent launch on (`KLAQ_PDL=1`; {same} greedy tokens)",
+                         res["klaq_triton_pdl"]))
     if t:
         lines.append(row("klaq torch backend, `--backend torch` (dequant + cuBLAS, torch ops), CUDA graph", t))
     if hf:
@@ -288,7 +290,7 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="try the SWEEP launch settings first, bench the best")
     ap.add_argument("--skip-torch-backend", action="store_true")
-    ap.add_argument("--skip-no-pdl", action="store_true", help="skip the run with KLAQ_PDL=0")
+    ap.add_argument("--skip-pdl", action="store_true", help="skip the run with KLAQ_PDL=1")
     ap.add_argument("--json")
     ap.add_argument("--markdown", help="update the '## GPU decode' section of this file")
     args = ap.parse_args()
@@ -298,7 +300,7 @@ def main() -> int:
     import triton
 
     from klaq.formats.gguf_package import read_package
-    from klaq.kernels.pdl import pdl_enabled
+    from klaq.kernels.pdl import pdl_enabled, pdl_supported
     from klaq.targets.profiles import get_target
 
     bandwidth = args.bandwidth_gbs or get_target("cuda").bandwidth_gbs
@@ -329,18 +331,20 @@ def main() -> int:
     res["check"] = check_vs_numpy(pf, k["model"], prompt, args.check_tokens)
     print("check:", {x: y for x, y in res["check"].items() if not x.endswith("tokens")}, flush=True)
     res["klaq_triton"] = {x: y for x, y in k.items() if x not in ("model", "tokens")}
+    tokens = k["tokens"]
     res["klaq_triton"]["pdl"] = pdl_enabled("cuda")
     del k
-    if not args.skip_no_pdl and res["klaq_triton"]["pdl"]:
-        os.environ["KLAQ_PDL"] = "0"
+    if not args.skip_pdl and not res["klaq_triton"]["pdl"] and pdl_supported("cuda"):
+        os.environ["KLAQ_PDL"] = "1"
         try:
-            k0 = bench_klaq(pf, "triton", prompt, args.new_tokens, bandwidth, *best)
+            k1 = bench_klaq(pf, "triton", prompt, args.new_tokens, bandwidth, *best)
+            k1["tokens_equal"] = k1["tokens"] == tokens
         finally:
             del os.environ["KLAQ_PDL"]
-        print(f"klaq triton, PDL off: {k0['tok_s']:.0f} tok/s, step {k0['step_s'] * 1e3:.3f} ms "
-              f"(matmul {k0['matmul_s'] * 1e3:.3f})", flush=True)
-        res["klaq_triton_no_pdl"] = {x: y for x, y in k0.items() if x not in ("model", "tokens")}
-        del k0
+        print(f"klaq triton, PDL on: {k1['tok_s']:.0f} tok/s, step {k1['step_s'] * 1e3:.3f} ms "
+              f"(matmul {k1['matmul_s'] * 1e3:.3f}), same tokens: {k1['tokens_equal']}", flush=True)
+        res["klaq_triton_pdl"] = {x: y for x, y in k1.items() if x not in ("model", "tokens")}
+        del k1
     if not args.skip_torch_backend:
         t = bench_klaq(pf, "torch", prompt, args.new_tokens, bandwidth)
         print(f"klaq torch: {t['tok_s']:.0f} tok/s, step {t['step_s'] * 1e3:.3f} ms", flush=True)

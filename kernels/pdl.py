@@ -16,8 +16,11 @@ the same as without PDL (an output buffer the allocator reuses is written only a
 before has finished). A kernel launched without PDL, or after a kernel that never triggers (cuBLAS,
 torch's own ops), waits for its predecessor as usual: ``griddepcontrol`` is then a no-op.
 
-The interpreter runs no ``griddepcontrol`` and no PTX, so PDL is off under ``TRITON_INTERPRET=1``;
-``KLAQ_PDL=0`` turns it off everywhere (for A/B timing: bench/kernels.py, bench/gpu_decode.py).
+PDL is opt-in: ``KLAQ_PDL=1`` turns it on where it is supported (a CUDA GPU of compute capability 9.0
+or later; never under ``TRITON_INTERPRET=1``, which runs no ``griddepcontrol`` and no PTX). On an
+H100 it made a dependent chain of large GEMVs slower on two of three Llama shapes
+(BENCHMARKS.md, bench/pdl_sweep.py), so it is not the default; bench/gpu_decode.py times the decode
+step both ways.
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ _PREFETCH_L2 = tl.constexpr("""{
 
 
 def pdl_enabled(device=None) -> bool:
-    """Whether kernels on ``device`` launch with PDL: a CUDA GPU of compute capability 9.0 or later,
-    not the interpreter, and ``KLAQ_PDL`` not ``0`` (read at each call, so benchmarks can switch)."""
-    if _INTERPRET or os.environ.get("KLAQ_PDL", "1") == "0":
+    """Whether kernels on ``device`` launch with PDL by default: ``KLAQ_PDL=1`` (read at each call,
+    so benchmarks can switch) and :func:`pdl_supported`."""
+    return os.environ.get("KLAQ_PDL", "0") == "1" and pdl_supported(device)
+
+
+def pdl_supported(device=None) -> bool:
+    """A CUDA GPU of compute capability 9.0 or later (``griddepcontrol`` is sm_90 PTX), not the
+    interpreter."""
+    if _INTERPRET:
         return False
     dev = torch.device(device) if device is not None else torch.device("cuda")
     if dev.type != "cuda" or not torch.cuda.is_available():

@@ -41,10 +41,10 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
 
-On Hopper the GEMVs launch with programmatic dependent launch (:mod:`klaq.kernels.pdl`): a program
-prefetches its weight rows into L2, lets the next kernel launch, and waits for the previous one
-before it reads x or writes anything, so in a decode step its launch and first DRAM round trip
-overlap the kernel before it.
+With ``KLAQ_PDL=1`` on Hopper the GEMVs launch with programmatic dependent launch
+(:mod:`klaq.kernels.pdl`): a program (optionally prefetching its weight rows into L2) lets the next
+kernel launch and waits for the previous one before it reads x or writes anything, so its launch
+overlaps the kernel before it. Measured on an H100 it did not speed up a chain of large GEMVs.
 
 Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.3-2.9x cuBLAS fp16 on
 Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
@@ -64,7 +64,7 @@ import triton.language as tl
 
 from klaq.formats.qweight import QuantizedWeight
 
-from .pdl import launch_kwargs, pdl_enabled, pdl_enter_rows, pdl_trigger
+from .pdl import launch_kwargs, pdl_enabled, pdl_enter_rows, pdl_supported, pdl_trigger
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
@@ -791,8 +791,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     ``tiles`` K-tiles per step), ``gemv_wide`` (M = 1, ``tiles`` K-tiles per step, fp32), ``gemm`` /
     ``gemm_swap`` (tensor cores, x or the weight as the left operand; ``h2=False`` keeps their fp32
     dequantization for fp16 x), or ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
-    ``pdl``: launch the GEMVs with programmatic dependent launch (kernels/pdl.py; default: on Hopper and
-    later unless ``KLAQ_PDL=0``), ``prefetch``: with it, their weight rows go to L2 before the wait,
+    ``pdl``: launch the GEMVs with programmatic dependent launch where supported (kernels/pdl.py;
+    default: ``KLAQ_PDL=1``), ``prefetch``: with it, their weight rows go to L2 before the wait,
     ``pdl_late``: the next kernel may launch only after the main loop (default: at the start).
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -840,7 +840,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     split = -(-w.n_tiles // tps)  # no empty programs
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemv = kind.startswith("gemv")
-    use_pdl = gemv and not _INTERPRET and (pdl if pdl is not None else pdl_enabled(x.device))
+    use_pdl = gemv and (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
     pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and (prefetch if prefetch is not None else cfg.get("prefetch", False)),
                     PDL_LATE=use_pdl and (pdl_late if pdl_late is not None else cfg.get("pdl_late", False)),
                     **launch_kwargs(use_pdl))

@@ -23,14 +23,14 @@ from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
-def test_off_without_a_hopper_gpu(monkeypatch):
-    assert not pdl.pdl_enabled("cpu")
-    assert pdl.launch_kwargs(False) == {} and pdl.launch_kwargs(True) == {"launch_pdl": True}
-    monkeypatch.setenv("KLAQ_PDL", "0")
-    assert not pdl.pdl_enabled("cuda")
-    monkeypatch.setattr(pdl, "_INTERPRET", True)
+def test_opt_in_and_never_without_a_hopper_gpu(monkeypatch):
+    monkeypatch.delenv("KLAQ_PDL", raising=False)
+    assert not pdl.pdl_enabled("cuda")  # off by default
     monkeypatch.setenv("KLAQ_PDL", "1")
-    assert not pdl.pdl_enabled("cuda")
+    assert not pdl.pdl_enabled("cpu") and not pdl.pdl_supported("cpu")
+    assert pdl.launch_kwargs(False) == {} and pdl.launch_kwargs(True) == {"launch_pdl": True}
+    monkeypatch.setattr(pdl, "_INTERPRET", True)
+    assert not pdl.pdl_enabled("cuda") and not pdl.pdl_supported("cuda")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -154,7 +154,7 @@ CHAIN = [  # (kernel, launch overrides): every GEMV path, split-K's atomics and 
 def test_dependent_chain_in_a_graph_matches_eager(n, group_size):
     """Each GEMV reads the previous one's output: a PDL kernel that read x before its wait would see a
     stale or half-written x here, and the replay would differ from the eager chain."""
-    if not pdl.pdl_enabled("cuda"):
+    if not pdl.pdl_supported("cuda"):
         pytest.skip("PDL needs compute capability 9.0+")
     ws = [repack(random_qweight(n, n, group_size, asym=(i == 3), seed=i), "cuda") for i in range(len(CHAIN))]
     x0 = (torch.randn(1, n, device="cuda") * 0.5).half()
