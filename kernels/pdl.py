@@ -4,11 +4,13 @@ Why: at batch 1 a decode step is a chain of small kernels, and in a CUDA graph e
 only when the one before has drained: its launch, its first DRAM round trip and the previous
 kernel's tail are dead time (about 2 us of a 6.7 us GEMV at 4096x4096 on an H100, whose plain
 read of the same bytes takes 4.6 us). With PDL a kernel launched with ``launch_pdl=True`` may start
-while its predecessor still runs: every kernel here calls :func:`pdl_enter` first, which
+while its predecessor still runs: every kernel here first calls :func:`pdl_enter` (the GEMVs
+:func:`pdl_enter_rows`), which
 
 1. optionally issues an L2 prefetch of the program's weight rows (weights never depend on an
    earlier kernel, so they may be read before the wait),
-2. lets the next kernel launch (``griddepcontrol.launch_dependents``),
+2. lets the next kernel launch (``griddepcontrol.launch_dependents``; with the GEMVs' ``LATE`` this
+   moves after the main loop, :func:`pdl_trigger`),
 3. waits until the previous kernel has completed and its writes are visible (``griddepcontrol.wait``).
 
 Everything else a kernel reads *or writes* comes after step 3, so the order of memory effects is
