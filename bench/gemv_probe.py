@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
+from kernels import graph_time_us, random_qweight, weight_copies  # noqa: E402
 from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 
 
@@ -56,8 +56,7 @@ def main():
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         base = repack(random_qweight(n, k), "cuda")
-        ws = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size,
-                                  base.block_k) for _ in range(copies_for(base.nbytes()) - 1)]
+        ws = weight_copies(base)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         mb = base.nbytes() / 1e6
         t = graph_time_us([partial(w4a16_matmul, x, w, pdl=False) for w in ws])

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import LLAMA3_8B, SMOLLM2, copies_for, graph_time_us, random_qweight  # noqa: E402
-from klaq.kernels.triton_w4a16 import TritonW4, repack, w4a16_matmul  # noqa: E402
+from kernels import LLAMA3_8B, SMOLLM2, dense_copies, graph_time_us, random_qweight, weight_copies  # noqa: E402
+from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 
 
 def configs(m: int):
@@ -79,9 +79,8 @@ def main():
                 print(f"{n}x{k} bk={bk}: {e}")
                 continue
             w16 = torch.from_numpy(qw.dequantize()).half().cuda()
-            ours = [base] + [TritonW4(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size, bk)
-                             for _ in range(copies_for(base.nbytes()) - 1)]
-            dense = [w16] + [w16.clone() for _ in range(copies_for(w16.nbytes) - 1)]
+            ours = weight_copies(base)
+            dense = dense_copies(w16)
             for m in [int(b) for b in args.batches.split(",")]:
                 if m > 1 and (n, k) in SMOLLM2:
                     continue

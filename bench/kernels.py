@@ -50,6 +50,19 @@ def copies_for(nbytes: int) -> int:
     return max(2, math.ceil(WORKING_SET / nbytes))
 
 
+def weight_copies(base) -> list:
+    """``base`` (a repacked weight) and enough clones of it that they exceed L2 (``copies_for``)."""
+    offsets = base.offsets
+    return [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None if offsets is None else offsets.clone(),
+                                base.in_features, base.out_features, base.group_size, base.block_k)
+                     for _ in range(copies_for(base.nbytes()) - 1)]
+
+
+def dense_copies(w16: torch.Tensor) -> list:
+    """``w16`` and enough clones of it that they exceed L2."""
+    return [w16] + [w16.clone() for _ in range(copies_for(w16.nbytes) - 1)]
+
+
 def graph_time_us(fns, reps: int = 5) -> float:
     """Median time of one call, with all ``fns`` captured back to back in one CUDA graph."""
     for f in fns:  # compile / autotune / allocate outside the capture
@@ -102,8 +115,7 @@ def gemv_baseline(n: int, k: int):
     """
     qw = random_qweight(n, k)
     base = repack(qw, "cuda")
-    ws = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size,
-                              base.block_k) for _ in range(copies_for(base.nbytes()) - 1)]
+    ws = weight_copies(base)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     wd = torch.from_numpy(qw.dequantize()).to("cuda", torch.float16)
     exact = x.float() @ wd.float().T
@@ -141,11 +153,8 @@ def bench_shape(n, k, batches, sweep_cfgs=None, sweep_batches=(), block_k=None, 
     qw_tg = qw if k % GROUP == 0 else random_qweight(n, k, 64)
     base = repack(qw, device, block_k)
     w16 = torch.from_numpy(qw.dequantize(np.float16)).to(device)
-    n4 = copies_for(base.nbytes())
-    n16 = copies_for(w16.nbytes)
-    ours = [base] + [type(base)(base.qweight.clone(), base.scales.clone(), None, base.in_features,
-                                base.out_features, base.group_size, base.block_k) for _ in range(n4 - 1)]
-    dense = [w16] + [w16.clone() for _ in range(n16 - 1)]
+    ours = weight_copies(base)
+    dense = dense_copies(w16)
     try:
         tg = tinygemm_pack(qw_tg, device)
     except RuntimeError as e:  # not built for this GPU / dtype

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import chain, copies_for, graph_time_us, random_qweight  # noqa: E402
-from klaq.kernels.triton_w4a16 import TritonW4, default_config, repack, w4a16_matmul  # noqa: E402
+from kernels import chain, dense_copies, graph_time_us, random_qweight, weight_copies  # noqa: E402
+from klaq.kernels.triton_w4a16 import default_config, repack, w4a16_matmul  # noqa: E402
 
 CONFIGS = [dict(block_n=bn, tiles=t, split=s) for bn, t, s in
            [(8, 2, 1), (8, 4, 1), (16, 2, 1), (16, 4, 1), (32, 2, 1), (8, 1, 1), (32, 2, 2)]]
@@ -44,11 +44,10 @@ def main():
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         base = repack(random_qweight(n, k), "cuda")
-        ws = [base] + [TritonW4(base.qweight.clone(), base.scales.clone(), None, k, n, base.group_size, base.block_k)
-                       for _ in range(copies_for(base.nbytes()) - 1)]
+        ws = weight_copies(base)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        dense = [w16] + [w16.clone() for _ in range(copies_for(w16.nbytes) - 1)]
+        dense = dense_copies(w16)
         t16 = graph_time_us([partial(F.linear, x, w) for w in dense])
         t16c = graph_time_us(chain([partial(F.linear, weight=w) for w in dense], x, k))
         dep = "dependent" if n >= k else "same x"

@@ -841,8 +841,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemv = kind.startswith("gemv")
     use_pdl = gemv and (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
-    pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and (prefetch if prefetch is not None else cfg.get("prefetch", False)),
-                    PDL_LATE=use_pdl and (pdl_late if pdl_late is not None else cfg.get("pdl_late", False)),
+    pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and bool(prefetch), PDL_LATE=use_pdl and bool(pdl_late),
                     **launch_kwargs(use_pdl))
     tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
     ws, counters = _workspace(x.device, m * n if split > 1 else 0, tiles_out)

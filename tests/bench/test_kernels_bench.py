@@ -34,3 +34,18 @@ def test_chain_feeds_each_output_to_the_next_call():
         [0, 6, 12, 18],
         [0, 1, 2, 3],  # the previous output is narrower than K: x0 again
     ]
+
+
+def test_weight_copies_are_distinct_and_exceed_the_working_set():
+    from klaq.kernels.triton_w4a16 import repack
+
+    base = repack(bench_kernels.random_qweight(64, 256), "cpu")
+    ws = bench_kernels.weight_copies(base)
+    assert ws[0] is base and len(ws) == bench_kernels.copies_for(base.nbytes())
+    assert sum(w.nbytes() for w in ws) >= bench_kernels.WORKING_SET
+    for w in ws[1:]:
+        assert w.qweight.data_ptr() != base.qweight.data_ptr() and torch.equal(w.qweight, base.qweight)
+        assert torch.equal(w.scales, base.scales) and w.offsets is None
+        assert (w.in_features, w.out_features, w.group_size, w.block_k) == (256, 64, 128, base.block_k)
+    dense = bench_kernels.dense_copies(torch.ones(64, 256, dtype=torch.float16))
+    assert sum(d.nbytes for d in dense) >= bench_kernels.WORKING_SET and len({d.data_ptr() for d in dense}) == len(dense)
