@@ -7,8 +7,9 @@ previous call's output, as in a decode step), timed with PDL and the L2 prefetch
 Why a separate sweep: without PDL a GEMV's fixed cost (launch, first DRAM round trip, tail) follows
 the previous kernel; with it that cost overlaps the previous kernel, so the config that was best
 alone (bench/kernel_sweep.py) need not be best in the chain. Each line: config, time per call
-alone (no PDL), then in the chain: without PDL, with PDL, with PDL and the L2 prefetch, and the
-same with the next kernel let in only after the main loop (``pdl_late``); cuBLAS's chain first.
+alone (no PDL), then in the chain: without PDL, with PDL, with PDL and gemv_h2's first step of
+words and scales loaded before the wait (``early``), with PDL and the L2 prefetch, and the same with
+the next kernel let in only after the main loop (``pdl_late``); cuBLAS's chain first.
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ CONFIGS = [dict(block_n=bn, tiles=t, split=s) for bn, t, s in
            [(8, 2, 1), (8, 4, 1), (16, 2, 1), (16, 4, 1), (32, 2, 1), (8, 1, 1), (32, 2, 2)]]
 
 
-MODES = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
-MODE_NAMES = ["chain", "PDL", "PDL + prefetch", "PDL + prefetch, late trigger"]
+MODES = {"chain": dict(pdl=False), "PDL": dict(pdl=True),
+         "PDL + early words": dict(pdl=True, early=True),
+         "PDL + prefetch": dict(pdl=True, prefetch=True),
+         "PDL + prefetch, late trigger": dict(pdl=True, prefetch=True, pdl_late=True)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,6144x4096,14336x4096,4096x14336")
     ap.add_argument("--configs", help="a Python list of w4a16_matmul keyword dicts (default: CONFIGS)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     args = ap.parse_args()
     configs = ast.literal_eval(args.configs) if args.configs else CONFIGS
+    modes = {name: MODES[name] for name in args.modes.split(",")}
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
@@ -56,13 +61,12 @@ def main():
         for cfg in [{}] + configs:
             try:
                 alone = graph_time_us([partial(w4a16_matmul, x, w, pdl=False, **cfg) for w in ws])
-                times = [graph_time_us(chain([partial(w4a16_matmul, w=w, pdl=p, prefetch=f, pdl_late=late, **cfg)
-                                              for w in ws], x, k))
-                         for p, f, late in MODES]
+                times = [graph_time_us(chain([partial(w4a16_matmul, w=w, **mode, **cfg) for w in ws], x, k))
+                         for mode in modes.values()]
             except Exception as e:  # a config past the resource limits
                 print(f"   {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            cols = " | ".join(f"{name} {t:.2f} ({t16c / t:.2f}x)" for name, t in zip(MODE_NAMES, times, strict=True))
+            cols = " | ".join(f"{name} {t:.2f} ({t16c / t:.2f}x)" for name, t in zip(modes, times, strict=True))
             print(f"   {cfg or 'default'}: alone {alone:.2f} us ({t16 / alone:.2f}x) | {cols}", flush=True)
 
 

@@ -334,23 +334,41 @@ def _half2(a, b):
 
 @triton.jit
 def _pair_scales(s_ptr, o_ptr, ka, offs_n, N, group_size, SUB: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 PAIR_GROUP: tl.constexpr):
+                 PAIR_GROUP: tl.constexpr, mask=None):
     """Scales and -offsets ``[len(offs_n)]`` of slices starting at codes ``ka`` and ``ka + SUB``.
 
     PAIR_GROUP: 2 * SUB divides the group size, so both slices are in one group (one load).
     Symmetric weights have no offsets: the scales stand in (the _SYM assembly ignores them).
+    ``mask``: loads to skip (zeros), for a step whose scales were loaded earlier.
     """
     ga = ka // group_size
-    sa = tl.load(s_ptr + ga * N + offs_n)
-    noa = -tl.load(o_ptr + ga * N + offs_n) if HAS_ZERO else sa
+    sa = _load_if(s_ptr + ga * N + offs_n, mask)
+    noa = -_load_if(o_ptr + ga * N + offs_n, mask) if HAS_ZERO else sa
     if PAIR_GROUP:
         sb = sa
         nob = noa
     else:
         gb = (ka + SUB) // group_size
-        sb = tl.load(s_ptr + gb * N + offs_n)
-        nob = -tl.load(o_ptr + gb * N + offs_n) if HAS_ZERO else sb
+        sb = _load_if(s_ptr + gb * N + offs_n, mask)
+        nob = -_load_if(o_ptr + gb * N + offs_n, mask) if HAS_ZERO else sb
     return sa, sb, noa, nob
+
+
+@triton.jit
+def _load_if(ptrs, mask):
+    """``tl.load``, masked (zeros) unless ``mask`` is None."""
+    if mask is None:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _pick(first, early, later):
+    """``early`` (a pair's scales loaded before the PDL wait) on the first step, else ``later``."""
+    return (tl.where(first, early[0], later[0]), tl.where(first, early[1], later[1]),
+            tl.where(first, early[2], later[2]), tl.where(first, early[3], later[3]))
 
 
 @triton.jit
@@ -394,7 +412,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                     TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                     PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True, X_AHEAD: tl.constexpr = False,
                     S_AHEAD: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                 PDL_LATE: tl.constexpr = False):
+                    PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False):
     # M = 1, fp16 activations. Each step takes TILES K-tiles of BLOCK_N rows ([BLOCK_N, TILES, SUB]
     # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
     # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
@@ -415,6 +433,18 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
         acc = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    # EARLY: the first step's words, and with S_AHEAD its scales, are loaded before PDL's wait, since
+    # no weight depends on the previous kernel; x and everything else come after it (without PDL the
+    # same loads, only peeled off the loop).
+    W_EARLY: tl.constexpr = EARLY
+    if W_EARLY:
+        tt_e, live_e, w_e = _step_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, SUB)
+        if S_AHEAD:
+            kg_e = tl.minimum(tt_e, t_end - 1) * (8 * SUB)
+            se0 = _pair_scales(s_ptr, o_ptr, kg_e, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
+            se1 = _pair_scales(s_ptr, o_ptr, kg_e + 2 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
+            se2 = _pair_scales(s_ptr, o_ptr, kg_e + 4 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
+            se3 = _pair_scales(s_ptr, o_ptr, kg_e + 6 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
     pdl_enter_rows(w_ptr, pid_n * BLOCK_N, N, Kw, t_start * SUB, t_end * SUB, BLOCK_N, PDL, PREFETCH, PDL_LATE)
     # X_AHEAD: the next step's x is loaded at the top of this one (its latency off the FMA chain)
     tt0 = t_start + t3
@@ -423,7 +453,13 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     xa2, xb2 = _x_pair(x_ptr, tt0, tt0 < t_end, 2, j3, K, SUB, EVEN_K)
     xa3, xb3 = _x_pair(x_ptr, tt0, tt0 < t_end, 3, j3, K, SUB, EVEN_K)
     for t0 in range(t_start, t_end, TILES):
-        tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
+        if W_EARLY:
+            first = t0 == t_start
+            tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, tl.where(first, t0, t_end), j3, SUB)
+            w = tl.where(first, w_e, w)
+            live = tt < t_end
+        else:
+            tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
         if X_AHEAD:
             ttn = tt + TILES
             na0, nb0 = _x_pair(x_ptr, ttn, ttn < t_end, 0, j3, K, SUB, EVEN_K)
@@ -431,7 +467,17 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
             na2, nb2 = _x_pair(x_ptr, ttn, ttn < t_end, 2, j3, K, SUB, EVEN_K)
             na3, nb3 = _x_pair(x_ptr, ttn, ttn < t_end, 3, j3, K, SUB, EVEN_K)
         kg = tl.minimum(tt, t_end - 1) * (8 * SUB)  # a dead tile reads a live tile's (finite) scales
-        if S_AHEAD:  # all four pairs' scales issued with the words, before any arithmetic
+        if S_AHEAD and W_EARLY:  # the first step's scales came before the wait
+            later = (tt >= t_start + TILES) & (n3 >= 0)  # not the first step: [BLOCK_N, TILES, 1]
+            sc0 = _pick(first, se0, _pair_scales(s_ptr, o_ptr, kg, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP,
+                                                 later))
+            sc1 = _pick(first, se1, _pair_scales(s_ptr, o_ptr, kg + 2 * SUB, n3, N, group_size, SUB, HAS_ZERO,
+                                                 PAIR_GROUP, later))
+            sc2 = _pick(first, se2, _pair_scales(s_ptr, o_ptr, kg + 4 * SUB, n3, N, group_size, SUB, HAS_ZERO,
+                                                 PAIR_GROUP, later))
+            sc3 = _pick(first, se3, _pair_scales(s_ptr, o_ptr, kg + 6 * SUB, n3, N, group_size, SUB, HAS_ZERO,
+                                                 PAIR_GROUP, later))
+        elif S_AHEAD:  # all four pairs' scales issued with the words, before any arithmetic
             sc0 = _pair_scales(s_ptr, o_ptr, kg, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
             sc1 = _pair_scales(s_ptr, o_ptr, kg + 2 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
             sc2 = _pair_scales(s_ptr, o_ptr, kg + 4 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
@@ -784,7 +830,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
                  num_stages: int | None = None, tiles: int | None = None,
                  h2: bool | None = None, x_ahead: bool | None = None,
                  s_ahead: bool | None = None, pdl: bool | None = None,
-                 prefetch: bool | None = None, pdl_late: bool | None = None) -> torch.Tensor:
+                 prefetch: bool | None = None, pdl_late: bool | None = None,
+                 early: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16/bf16 ``x [..., K]``; keyword arguments override :func:`default_config`.
 
     ``kernel``: ``gemv`` (CUDA cores, any small M), ``gemv_h2`` (M = 1, fp16, half2 arithmetic;
@@ -793,7 +840,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     dequantization for fp16 x), or ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
     ``pdl``: launch the GEMVs with programmatic dependent launch where supported (kernels/pdl.py;
     default: ``KLAQ_PDL=1``), ``prefetch``: with it, their weight rows go to L2 before the wait,
-    ``pdl_late``: the next kernel may launch only after the main loop (default: at the start).
+    ``pdl_late``: the next kernel may launch only after the main loop (default: at the start),
+    ``early``: ``gemv_h2`` loads its first step's words and scales before that wait.
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
@@ -807,7 +855,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
                          num_stages=num_stages, tiles=tiles, h2=h2, x_ahead=x_ahead,
-                         s_ahead=s_ahead).items():
+                         s_ahead=s_ahead, early=early).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -857,7 +905,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
             *args, TILES=step, PAIR_GROUP=pair_group, ASM=not _INTERPRET, X_AHEAD=bool(cfg.get("x_ahead", False)),
-            S_AHEAD=bool(cfg.get("s_ahead", False)), **meta, **pdl_meta)
+            S_AHEAD=bool(cfg.get("s_ahead", False)), EARLY=bool(cfg.get("early", False)), **meta,
+            **pdl_meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta, **pdl_meta)
     else:

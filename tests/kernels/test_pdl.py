@@ -51,9 +51,14 @@ _W4_SIG = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", y_ptr=
 _COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False)
 W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
     "gemv_h2": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=8, TILES=2, SPLIT=1, PAIR_GROUP=True, ASM=True,
-                                        X_AHEAD=True, S_AHEAD=True)),
+                                        X_AHEAD=True, S_AHEAD=True, EARLY=False)),
     "gemv_h2 split-K": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=32, TILES=2, SPLIT=4, PAIR_GROUP=True, ASM=True,
-                                                X_AHEAD=True, S_AHEAD=False)),
+                                                X_AHEAD=True, S_AHEAD=False, EARLY=False)),
+    "gemv_h2 early": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=8, TILES=2, SPLIT=1, PAIR_GROUP=True, ASM=True,
+                                              X_AHEAD=True, S_AHEAD=True, EARLY=True)),
+    "gemv_h2 early, zero points": ("_gemv_h2_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_N=8, TILES=2, SPLIT=1,
+                                                           PAIR_GROUP=False, ASM=True, X_AHEAD=True, S_AHEAD=True,
+                                                           EARLY=True)),
     "gemv_wide": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1)),
     "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4)),
 }
@@ -106,9 +111,41 @@ def sm90_ptx():
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _check_order(ptx: str, prefetch: bool, late: bool = False):
+_REG = re.compile(r"%[a-z]+\d+")
+
+
+def loaded_params(ptx: str, start: int = 0, end: int | None = None) -> set:
+    """The pointer parameters (by index) from which the ``ld.global`` addresses in ``ptx[start:end]``
+    derive: each address register traced back through the instructions that define it."""
+    defs, params, addrs = {}, {}, []
+    end = len(ptx) if end is None else end
+    pos = 0
+    for raw in ptx.splitlines(keepends=True):
+        line = re.sub(r"^@!?%p\d+\s+", "", raw.strip())
+        if m := re.match(r"ld\.param\.(?:b64|u64)\s+(%\w+), \[\w+_param_(\d+)\]", line):
+            params[m[1]] = int(m[2])
+        elif line.startswith("ld.global"):
+            if start <= pos < end:
+                addrs += _REG.findall(line[line.index("["):line.index("]")])
+        elif (regs := _REG.findall(line)) and not line.startswith(("st.", "atom.", "red.", "setp")):
+            defs.setdefault(regs[0], set()).update(regs[1:])
+        pos += len(raw)
+    found, todo, seen = set(), list(addrs), set()
+    while todo:
+        r = todo.pop()
+        if r in seen:
+            continue
+        seen.add(r)
+        if r in params:
+            found.add(params[r])
+        todo += defs.get(r, ())
+    return found
+
+
+def _check_order(ptx: str, prefetch: bool, late: bool = False, early: bool = False):
     """launch_dependents, then wait (``late``: wait, then the loop's loads, then launch_dependents);
-    no global load, store or atomic before the wait; the bulk L2 prefetch (weights only) before it
+    no store or atomic before the wait, and no global load either, except (``early``) of the weights
+    and scales (parameters 1-3, never x, parameter 0); the bulk L2 prefetch (weights only) before it
     when asked for."""
     wait = ptx.index("griddepcontrol.wait")
     trigger = ptx.index("griddepcontrol.launch_dependents")
@@ -118,7 +155,12 @@ def _check_order(ptx: str, prefetch: bool, late: bool = False):
     else:
         assert trigger < wait
     before = ptx[:wait]
-    assert not re.search(r"\b(ld|st|atom|red)\.global", before), "memory touched before the wait"
+    assert not re.search(r"\b(st|atom|red)\.global", before), "memory written before the wait"
+    if early:
+        assert loaded_params(ptx, 0, wait) in ({1, 2}, {1, 2, 3}), loaded_params(ptx, 0, wait)  # words, scales
+        assert 0 in loaded_params(ptx, wait)  # x, after the wait
+    else:
+        assert not re.search(r"\bld\.global", before), "memory read before the wait"
     assert ("cp.async.bulk.prefetch.L2.global" in before) == prefetch
     assert re.search(r"\bld\.global", ptx[wait:])
 
@@ -127,7 +169,16 @@ def _check_order(ptx: str, prefetch: bool, late: bool = False):
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("name", list(W4_CASES))
 def test_gemv_waits_before_touching_memory(sm90_ptx, name, prefetch, late):
-    _check_order(sm90_ptx[f"{name} prefetch={prefetch} late={late}"], prefetch, late)
+    _check_order(sm90_ptx[f"{name} prefetch={prefetch} late={late}"], prefetch, late, early="early" in name)
+
+
+def test_trace_of_loaded_pointers(sm90_ptx):
+    """The tracer behind the checks above sees each kind of load: the early variant's words, scales
+    and offsets before the wait, the plain one's x, words and scales after it."""
+    early = sm90_ptx["gemv_h2 early, zero points prefetch=False late=False"]
+    assert loaded_params(early, 0, early.index("griddepcontrol.wait")) == {1, 2, 3}
+    plain = sm90_ptx["gemv_h2 prefetch=False late=False"]
+    assert loaded_params(plain) == {0, 1, 2}
 
 
 def test_gemv_without_pdl_has_no_griddepcontrol(sm90_ptx):
@@ -145,8 +196,10 @@ def test_runtime_ops_wait_before_touching_memory(sm90_ptx, name):
 CHAIN = [  # (kernel, launch overrides): every GEMV path, split-K's atomics and counters included
     ("gemv_h2", dict()), ("gemv_h2", dict(split=4, block_n=32)), ("gemv_wide", dict(tiles=2)),
     ("gemv", dict(split=3)), ("gemv_h2", dict(prefetch=False)), ("gemv_wide", dict(split=2, block_n=4)),
-    ("gemv_h2", dict(pdl_late=True, split=2)),
+    ("gemv_h2", dict(pdl_late=True, split=2)), ("gemv_h2", dict(early=True, s_ahead=True, x_ahead=True)),
+    ("gemv_h2", dict(early=True, split=3, block_n=16, tiles=1)),
 ]
+ASYM = (3, 8)  # zero points: the fp32 GEMV's and one early gemv_h2's
 
 
 @gpu
@@ -156,7 +209,7 @@ def test_dependent_chain_in_a_graph_matches_eager(n, group_size):
     stale or half-written x here, and the replay would differ from the eager chain."""
     if not pdl.pdl_supported("cuda"):
         pytest.skip("PDL needs compute capability 9.0+")
-    ws = [repack(random_qweight(n, n, group_size, asym=(i == 3), seed=i), "cuda") for i in range(len(CHAIN))]
+    ws = [repack(random_qweight(n, n, group_size, asym=(i in ASYM), seed=i), "cuda") for i in range(len(CHAIN))]
     x0 = (torch.randn(1, n, device="cuda") * 0.5).half()
 
     def run(use_pdl: bool):

@@ -87,10 +87,14 @@ def test_gemv_h2(group_size, asym, config):
 
 
 @pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("ahead", [dict(x_ahead=True), dict(s_ahead=True), dict(x_ahead=True, s_ahead=True)], ids=str)
+@pytest.mark.parametrize("ahead", [dict(x_ahead=True), dict(s_ahead=True), dict(x_ahead=True, s_ahead=True),
+                                   dict(early=True), dict(early=True, s_ahead=True),
+                                   dict(early=True, x_ahead=True, s_ahead=True)], ids=str)
 def test_gemv_h2_loads_ahead_are_the_same_sum(asym, ahead):
-    """Loading the next step's x, or a step's four pairs of scales, before any arithmetic changes when
-    they arrive, not the sums: outputs equal bit for bit (K = 4160: steps of 2 tiles, the last ragged)."""
+    """Loading the next step's x, a step's four pairs of scales before any arithmetic, or the first
+    step's words and scales before the loop (``early``, for PDL) changes when they arrive, not the
+    sums: outputs equal bit for bit (K = 4160: steps of 2 tiles, the last ragged; split-K 3 gives
+    programs of one step and of several)."""
     qw = random_qweight(24, 4096 + 64, 128, asym=asym, seed=7)
     x = torch.randn(1, 4096 + 64, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
     w = repack(qw, DEVICE)
