@@ -77,8 +77,10 @@ def sync():
 SWEEP = [  # (M = 1 Triton matmul launch overrides, decode-attention keys per step)
     (None, 128), (None, 64), (dict(tiles=2), 128),
     # programmatic dependent launch (kernels/pdl.py) for the GEMVs alone (the fused ops follow KLAQ_PDL):
-    # plain, with the L2 prefetch of each program's weight rows, with the next kernel let in after the loop
+    # plain, with the L2 prefetch of each program's weight rows, with the next kernel let in after the loop,
     (dict(pdl=True), 128), (dict(pdl=True, prefetch=True), 128), (dict(pdl=True, pdl_late=True), 128),
+    # and with each GEMV's first step of words loaded before its wait
+    (dict(pdl=True, early=True), 128),
 ]
 
 

@@ -397,6 +397,30 @@ def _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB: tl.constexpr):
 
 
 @triton.jit
+def _early_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, zero, SUB: tl.constexpr, EARLY: tl.constexpr):
+    """With ``EARLY``, the words of a program's first step (called before PDL's wait); else zeros."""
+    if EARLY:
+        w_e = _step_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, SUB)[2]
+    else:
+        w_e = zero
+    return w_e
+
+
+@triton.jit
+def _step_words_after(w_ptr, n3, Kw, t0, t_start, t3, t_end, j3, w_e, SUB: tl.constexpr, EARLY: tl.constexpr):
+    """:func:`_step_words`, except that with ``EARLY`` the first step takes ``w_e`` (loaded by
+    :func:`_early_words`) instead of loading its words again."""
+    if EARLY:
+        first = t0 == t_start
+        tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, tl.where(first, t0, t_end), j3, SUB)
+        w = tl.where(first, w_e, w)
+        live = tt < t_end
+    else:
+        tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
+    return tt, live, w
+
+
+@triton.jit
 def _x_pair(x_ptr, tt, live, p: tl.constexpr, j3, K, SUB: tl.constexpr, EVEN_K: tl.constexpr):
     """x at slices 2p and 2p + 1 of tiles ``tt`` (zeros for dead tiles and past K)."""
     ka = tt * (8 * SUB) + 2 * p * SUB + j3
@@ -437,10 +461,10 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     # no weight depends on the previous kernel; x and everything else come after it (without PDL the
     # same loads, only peeled off the loop).
     W_EARLY: tl.constexpr = EARLY
+    w_e = _early_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, zero, SUB, EARLY)
     if W_EARLY:
-        tt_e, live_e, w_e = _step_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, SUB)
         if S_AHEAD:
-            kg_e = tl.minimum(tt_e, t_end - 1) * (8 * SUB)
+            kg_e = tl.minimum(t_start + t3, t_end - 1) * (8 * SUB)
             se0 = _pair_scales(s_ptr, o_ptr, kg_e, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
             se1 = _pair_scales(s_ptr, o_ptr, kg_e + 2 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
             se2 = _pair_scales(s_ptr, o_ptr, kg_e + 4 * SUB, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
@@ -453,13 +477,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     xa2, xb2 = _x_pair(x_ptr, tt0, tt0 < t_end, 2, j3, K, SUB, EVEN_K)
     xa3, xb3 = _x_pair(x_ptr, tt0, tt0 < t_end, 3, j3, K, SUB, EVEN_K)
     for t0 in range(t_start, t_end, TILES):
-        if W_EARLY:
-            first = t0 == t_start
-            tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, tl.where(first, t0, t_end), j3, SUB)
-            w = tl.where(first, w_e, w)
-            live = tt < t_end
-        else:
-            tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
+        tt, live, w = _step_words_after(w_ptr, n3, Kw, t0, t_start, t3, t_end, j3, w_e, SUB, EARLY)
+        first = t0 == t_start
         if X_AHEAD:
             ttn = tt + TILES
             na0, nb0 = _x_pair(x_ptr, ttn, ttn < t_end, 0, j3, K, SUB, EVEN_K)
@@ -634,7 +653,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                       TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                 PDL_LATE: tl.constexpr = False):
+                      PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False):
     # M = 1 only. Like _gemv_kernel, but each step loads TILES K-tiles of BLOCK_N rows at once
     # ([BLOCK_N, TILES, SUB] words): more bytes in flight per program, so few programs (small N,
     # no split-K) still keep enough loads outstanding to cover DRAM latency.
@@ -648,9 +667,10 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     acc = tl.zeros((BLOCK_N, TILES, SUB), dtype=tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    w_e = _early_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, zero, SUB, EARLY)  # EARLY: before the wait
     pdl_enter_rows(w_ptr, pid_n * BLOCK_N, N, Kw, t_start * SUB, t_end * SUB, BLOCK_N, PDL, PREFETCH, PDL_LATE)
     for t0 in range(t_start, t_end, TILES):
-        tt, live, w = _step_words(w_ptr, n3, Kw, t0, t3, t_end, j3, SUB)
+        tt, live, w = _step_words_after(w_ptr, n3, Kw, t0, t_start, t3, t_end, j3, w_e, SUB, EARLY)
         for i in tl.static_range(8):
             kb = tt * (8 * SUB) + i * SUB  # [1, TILES, 1]: first code of each slice
             if EVEN_K:
@@ -841,7 +861,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     ``pdl``: launch the GEMVs with programmatic dependent launch where supported (kernels/pdl.py;
     default: ``KLAQ_PDL=1``), ``prefetch``: with it, their weight rows go to L2 before the wait,
     ``pdl_late``: the next kernel may launch only after the main loop (default: at the start),
-    ``early``: ``gemv_h2`` loads its first step's words and scales before that wait.
+    ``early``: ``gemv_h2`` and ``gemv_wide`` load their first step's words (``gemv_h2`` with
+    ``s_ahead`` its scales too) before that wait.
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
@@ -908,7 +929,9 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
             S_AHEAD=bool(cfg.get("s_ahead", False)), EARLY=bool(cfg.get("early", False)), **meta,
             **pdl_meta)
     elif kind == "gemv_wide":
-        _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step, **meta, **pdl_meta)
+        _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step,
+                                                                   EARLY=bool(cfg.get("early", False)), **meta,
+                                                                   **pdl_meta)
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
         use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)

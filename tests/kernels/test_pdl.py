@@ -59,7 +59,8 @@ W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
     "gemv_h2 early, zero points": ("_gemv_h2_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_N=8, TILES=2, SPLIT=1,
                                                            PAIR_GROUP=False, ASM=True, X_AHEAD=True, S_AHEAD=True,
                                                            EARLY=True)),
-    "gemv_wide": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1)),
+    "gemv_wide": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1, EARLY=False)),
+    "gemv_wide early": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1, EARLY=True)),
     "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4)),
 }
 OPS_CASES = {  # name: (kernel in klaq.runtime.triton_ops, signature, constexprs)
@@ -157,7 +158,7 @@ def _check_order(ptx: str, prefetch: bool, late: bool = False, early: bool = Fal
     before = ptx[:wait]
     assert not re.search(r"\b(st|atom|red)\.global", before), "memory written before the wait"
     if early:
-        assert loaded_params(ptx, 0, wait) in ({1, 2}, {1, 2, 3}), loaded_params(ptx, 0, wait)  # words, scales
+        assert loaded_params(ptx, 0, wait) in ({1}, {1, 2}, {1, 2, 3}), loaded_params(ptx, 0, wait)  # weights
         assert 0 in loaded_params(ptx, wait)  # x, after the wait
     else:
         assert not re.search(r"\bld\.global", before), "memory read before the wait"
@@ -197,7 +198,7 @@ CHAIN = [  # (kernel, launch overrides): every GEMV path, split-K's atomics and 
     ("gemv_h2", dict()), ("gemv_h2", dict(split=4, block_n=32)), ("gemv_wide", dict(tiles=2)),
     ("gemv", dict(split=3)), ("gemv_h2", dict(prefetch=False)), ("gemv_wide", dict(split=2, block_n=4)),
     ("gemv_h2", dict(pdl_late=True, split=2)), ("gemv_h2", dict(early=True, s_ahead=True, x_ahead=True)),
-    ("gemv_h2", dict(early=True, split=3, block_n=16, tiles=1)),
+    ("gemv_h2", dict(early=True, split=3, block_n=16, tiles=1)), ("gemv_wide", dict(early=True, tiles=4)),
 ]
 ASYM = (3, 8)  # zero points: the fp32 GEMV's and one early gemv_h2's
 

@@ -105,6 +105,18 @@ def test_gemv_h2_loads_ahead_are_the_same_sum(asym, ahead):
 
 
 @pytest.mark.parametrize("asym", [False, True])
+def test_gemv_wide_early_words_are_the_same_sum(asym):
+    """gemv_wide's first step of words loaded before the loop (``early``, for PDL) gives the same
+    outputs bit for bit: one step covering all of K, several steps, and split-K."""
+    qw = random_qweight(20, 1536 + 64, 64, asym=asym, seed=3)
+    x = torch.randn(1, 1536 + 64, generator=torch.Generator().manual_seed(3)).half().to(DEVICE)
+    w = repack(qw, DEVICE)
+    for cfg in (dict(block_n=8, tiles=8), dict(block_n=4, tiles=2), dict(block_n=8, tiles=1, split=3)):
+        assert torch.equal(w4a16_matmul(x, w, kernel="gemv_wide", early=True, **cfg),
+                           w4a16_matmul(x, w, kernel="gemv_wide", **cfg))
+
+
+@pytest.mark.parametrize("asym", [False, True])
 def test_gemv_h2_large_activations(asym):
     """Products add up in half2 over few codes (8 with zero points; 4 words' (q - 8) / 4 * x / 2 when
     symmetric): outliers of 4000 (massive activations) stay finite and within the fp16 error bound."""
