@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-
 from dataclasses import replace
 
 import numpy as np
