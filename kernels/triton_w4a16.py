@@ -182,7 +182,8 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr, slot,
 
     Each program puts its fp32 partial in its own slot of a workspace (``slot`` = its K-split,
     ``slot_stride`` elements apart); a per-tile counter tells the last arrival, which adds the
-    slots in split order, stores the sum in the output dtype and zeroes the counter again. So a
+    slots in split order, stores the sum in the output dtype and zeroes the slots and the counter
+    again. So a
     call is one launch: no memset before it and no cast after it (each costs about as much as the
     whole GEMV at small N), the same kernel replays in a CUDA graph, and the sum does not depend
     on which program finishes first (fp32 atomic adds did: the same call could differ in the last
@@ -191,10 +192,11 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr, slot,
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
-        # relaxed atomics (as bits: the interpreter has no float exchange), ordered before the
-        # counter's release like the atomic adds they replace
-        slots = ws_ptrs.to(tl.pointer_type(tl.int32), bitcast=True)
-        tl.atomic_xchg(slots + slot * slot_stride, acc.to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
+        # A relaxed atomic add onto the slot's zeros (exact: 0 + acc), as fire-and-forget as the
+        # shared adds it replaces and ordered before the counter's release the same way; an
+        # exchange, which returns a value, cost an H100 1.5-2.5 us per M = 16 call, and plain
+        # stores were not always visible to the last program (no per-thread fence in Triton).
+        tl.atomic_add(ws_ptrs + slot * slot_stride, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
@@ -202,6 +204,8 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr, slot,
             for i in tl.static_range(1, SPLIT):
                 total += tl.load(ws_ptrs + i * slot_stride, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            for i in tl.static_range(SPLIT):
+                tl.store(ws_ptrs + i * slot_stride, tl.zeros_like(total), mask=mask)
             tl.atomic_xchg(cnt_ptr, 0)
 
 
@@ -964,10 +968,10 @@ _WORKSPACES: dict = {}
 
 
 def _workspace(device, floats: int, tiles: int):
-    """Split-K scratch shared by all weights on a device: fp32 partials (one slot per K-split,
-    overwritten by every call) and per-tile counters (all-zero between calls: the kernels restore
-    that), so calls on one stream may share them; they only grow, and are allocated outside any
-    CUDA-graph capture by the warm-up call.
+    """Split-K scratch shared by all weights on a device: fp32 partials (one slot per K-split) and
+    per-tile counters, all-zero between calls (the kernels restore that), so calls on one stream
+    may share them; they only grow, and are allocated outside any CUDA-graph capture by the
+    warm-up call.
     """
     ws, cnt = _WORKSPACES.get(device, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < tiles:

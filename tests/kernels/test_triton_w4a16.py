@@ -211,10 +211,10 @@ def test_gpu_configs(kernel, split, block_n):
 
 
 @pytest.mark.parametrize("kernel,m", [("gemv", 3), ("gemm", 3), ("gemm_swap", 20), ("gemv_h2", 1), ("gemv_wide", 1)])
-def test_split_k_sums_the_slots_in_order(kernel, m):
-    """Each K-split leaves its fp32 partial in its own workspace slot and the last program of a tile
-    adds slot 0 + slot 1 + ... in that order: the output is exactly that sum, whichever program
-    finished last; the counters are zero again, so calls repeat exactly."""
+def test_split_k_leaves_workspace_clean(kernel, m):
+    """Each K-split adds its fp32 partial onto its own zeroed workspace slot; the last program of a
+    tile sums the slots in split order and zeroes them and the counter again: calls repeat exactly
+    and agree with the unsplit kernel."""
     from klaq.kernels.triton_w4a16 import _WORKSPACES
 
     w = repack(random_qweight(40, 512, 64, asym=kernel != "gemv_h2"), DEVICE, block_k=64)  # 8 K-tiles
@@ -222,13 +222,10 @@ def test_split_k_sums_the_slots_in_order(kernel, m):
     extra = dict(tiles=1) if kernel.startswith("gemv_") else {}
     y = w4a16_matmul(x, w, kernel=kernel, split=4, **extra)
     ws, counters = _WORKSPACES[x.device]
-    slots = ws[:4 * m * 40].view(4, m, 40)
-    assert all(slots[i].any() for i in range(4)) and not counters.any()
-    total = slots[0].clone()
-    for i in range(1, 4):
-        total += slots[i]
-    assert torch.equal(y, total.half())
+    assert ws.numel() >= 4 * m * 40 and not ws.any() and not counters.any()
     assert torch.equal(y, w4a16_matmul(x, w, kernel=kernel, split=4, **extra))
+    one = w4a16_matmul(x, w, kernel=kernel, split=1, **extra).float()
+    assert rel_err(y.float().cpu().numpy(), one.cpu().numpy()) < 2e-3
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
