@@ -38,9 +38,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 * ``wgmma`` (gluon_w4a16.py): on Hopper with fp16 activations it replaces ``gemm_swap`` and
   ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights.
 
-With split-K the partial sums meet in a shared fp32 workspace, added in a fixed order by the last
-program of each tile (:func:`_store_split`), so every call is a single launch and gives the same
-bits every time.
+With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
+each tile (:func:`_store_split`), so every call is a single launch.
 
 With ``KLAQ_PDL=1`` on Hopper the GEMVs launch with programmatic dependent launch
 (:mod:`klaq.kernels.pdl`): a program (optionally prefetching its weight rows into L2) lets the next
@@ -177,35 +176,24 @@ def _load(ptrs, mask):
 
 
 @triton.jit
-def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr, slot, slot_stride):
+def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
-    Each program puts its fp32 partial in its own slot of a workspace (``slot`` = its K-split,
-    ``slot_stride`` elements apart); a per-tile counter tells the last arrival, which adds the
-    slots in split order, stores the sum in the output dtype and zeroes the slots and the counter
-    again. So a
-    call is one launch: no memset before it and no cast after it (each costs about as much as the
-    whole GEMV at small N), the same kernel replays in a CUDA graph, and the sum does not depend
-    on which program finishes first (fp32 atomic adds did: the same call could differ in the last
-    bits from run to run, and greedy tokens after a prefill with them).
+    Partials go into a fp32 workspace by atomics; a per-tile counter tells the last arrival, which
+    stores the sum in the output dtype and zeroes the workspace tile and the counter again. So a
+    call is one launch: no memset before it and no cast after it (each costs about as much as
+    the whole GEMV at small N), and the same kernel replays in a CUDA graph.
     """
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
-        # A relaxed atomic add onto the slot's zeros (exact: 0 + acc), as fire-and-forget as the
-        # shared adds it replaces and ordered before the counter's release the same way; an
-        # exchange, which returns a value, cost an H100 1.5-2.5 us per M = 16 call, and plain
-        # stores were not always visible to the last program (no per-thread fence in Triton).
-        tl.atomic_add(ws_ptrs + slot * slot_stride, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
-            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            for i in tl.static_range(1, SPLIT):
-                total += tl.load(ws_ptrs + i * slot_stride, mask=mask, other=0.0, cache_modifier=".cg")
+            total = tl.load(ws_ptrs, mask=mask, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
-            for i in tl.static_range(SPLIT):
-                tl.store(ws_ptrs + i * slot_stride, tl.zeros_like(total), mask=mask)
+            tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
             tl.atomic_xchg(cnt_ptr, 0)
 
 
@@ -253,7 +241,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     m2 = tl.arange(0, BLOCK_M)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT, pid_k, M * N)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
 
 
 def _dequant_ptx(sym: bool, word: str, scale: str, neg_offset: str) -> str:
@@ -574,7 +562,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT, pid_k, M * N)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
 
 
 @triton.jit
@@ -657,7 +645,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, mask, SPLIT, pid_k, M * N)
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, mask, SPLIT)
 
 
 @triton.jit
@@ -697,7 +685,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT, pid_k, M * N)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, SPLIT)
 
 
 @triton.jit
@@ -758,7 +746,7 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, mask, SPLIT, pid_k, M * N)
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, mask, SPLIT)
 
 
 @triton.jit
@@ -925,7 +913,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and bool(prefetch), PDL_LATE=use_pdl and bool(pdl_late),
                     **launch_kwargs(use_pdl))
     tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
-    ws, counters = _workspace(x.device, split * m * n if split > 1 else 0, tiles_out)
+    ws, counters = _workspace(x.device, m * n if split > 1 else 0, tiles_out)
     offsets = w.offsets if w.offsets is not None else w.scales  # unused when symmetric
     args = (x2, w.qweight, w.scales, offsets, y, ws, counters, m, n, k, w.qweight.shape[1], x2.stride(0),
             y.stride(0), w.group_size, tps, w.n_tiles)
@@ -968,10 +956,10 @@ _WORKSPACES: dict = {}
 
 
 def _workspace(device, floats: int, tiles: int):
-    """Split-K scratch shared by all weights on a device: fp32 partials (one slot per K-split) and
-    per-tile counters, all-zero between calls (the kernels restore that), so calls on one stream
-    may share them; they only grow, and are allocated outside any CUDA-graph capture by the
-    warm-up call.
+    """Split-K scratch shared by all weights on a device: fp32 partials and per-tile counters.
+
+    Both are all-zero between calls (the kernels restore that), so calls on one stream may share
+    them; they only grow, and are allocated outside any CUDA-graph capture by the warm-up call.
     """
     ws, cnt = _WORKSPACES.get(device, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < tiles:
