@@ -9,8 +9,10 @@ quantized W4 g64 symmetric with RTN (Q4_0 blocks), embedding/head fp16, as klaq-
   ``--new-tokens`` greedy tokens (device-side loop), the generate()-style host loop (numpy logits
   every step), achieved GB/s (weights + KV bytes read per step / step time) and its fraction of the
   target's bandwidth, and decode time split into matmuls vs the rest (graph of the matmuls alone);
-* the same with programmatic dependent launch on (``KLAQ_PDL=1``, kernels/pdl.py: each kernel may
-  launch while the one before still runs), for the A/B;
+* the same with programmatic dependent launch switched the other way (kernels/pdl.py: each kernel
+  may launch while the one before still runs; on by default on Hopper, ``KLAQ_PDL=0`` off), for the
+  A/B (bench/pdl_decode_check.py compares the two from one prefilled cache: here each run prefills
+  its own, and split-K's fp32 atomic adds may change the prefill's last bits);
 * the same with ``--backend torch`` kernels (dequantize + cuBLAS, plain torch ops: the Jetson path);
 * transformers' fp16 ``generate`` on a random-init LlamaForCausalLM of the same shapes;
 * greedy tokens of the CUDA path vs the numpy runtime for ``--check-tokens`` tokens, plus a
@@ -244,10 +246,11 @@ def markdown(res: dict) -> str:
     pdl = ", programmatic dependent launch" if k.get("pdl") else ""
     lines.append(row(f"klaq torch backend, Triton W4A16 + fused ops, CUDA graph{pdl} (M=1 launch "
                      f"{k['decode_config'] or 'default'}, attention {k['attn_block_n']} keys/step)", k))
-    if res.get("klaq_triton_pdl"):
-        same = "same" if res["klaq_triton_pdl"]["tokens_equal"] else "DIFFERENT"
-        lines.append(row(f"the same with programmatic dependent launch on (`KLAQ_PDL=1`; {same} greedy tokens)",
-                         res["klaq_triton_pdl"]))
+    if res.get("klaq_triton_ab"):
+        ab = res["klaq_triton_ab"]
+        same = "same" if ab["tokens_equal"] else "different"
+        how = "on (`KLAQ_PDL=1`)" if ab["pdl"] else "off (`KLAQ_PDL=0`)"
+        lines.append(row(f"the same with programmatic dependent launch {how}; {same} greedy tokens", ab))
     if t:
         lines.append(row("klaq torch backend, `--backend torch` (dequant + cuBLAS, torch ops), CUDA graph", t))
     if hf:
@@ -292,7 +295,7 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="try the SWEEP launch settings first, bench the best")
     ap.add_argument("--skip-torch-backend", action="store_true")
-    ap.add_argument("--skip-pdl", action="store_true", help="skip the run with KLAQ_PDL=1")
+    ap.add_argument("--skip-pdl", action="store_true", help="skip the A/B run with PDL switched the other way")
     ap.add_argument("--json")
     ap.add_argument("--markdown", help="update the '## GPU decode' section of this file")
     args = ap.parse_args()
@@ -336,16 +339,22 @@ def main() -> int:
     tokens = k["tokens"]
     res["klaq_triton"]["pdl"] = pdl_enabled("cuda")
     del k
-    if not args.skip_pdl and not res["klaq_triton"]["pdl"] and pdl_supported("cuda"):
-        os.environ["KLAQ_PDL"] = "1"
+    if not args.skip_pdl and pdl_supported("cuda"):
+        before = os.environ.get("KLAQ_PDL")
+        os.environ["KLAQ_PDL"] = "0" if res["klaq_triton"]["pdl"] else "1"
         try:
             k1 = bench_klaq(pf, "triton", prompt, args.new_tokens, bandwidth, *best)
             k1["tokens_equal"] = k1["tokens"] == tokens
+            k1["pdl"] = pdl_enabled("cuda")
         finally:
-            del os.environ["KLAQ_PDL"]
-        print(f"klaq triton, PDL on: {k1['tok_s']:.0f} tok/s, step {k1['step_s'] * 1e3:.3f} ms "
-              f"(matmul {k1['matmul_s'] * 1e3:.3f}), same tokens: {k1['tokens_equal']}", flush=True)
-        res["klaq_triton_pdl"] = {x: y for x, y in k1.items() if x not in ("model", "tokens")}
+            if before is None:
+                del os.environ["KLAQ_PDL"]
+            else:
+                os.environ["KLAQ_PDL"] = before
+        print(f"klaq triton, PDL {'on' if k1['pdl'] else 'off'}: {k1['tok_s']:.0f} tok/s, step "
+              f"{k1['step_s'] * 1e3:.3f} ms (matmul {k1['matmul_s'] * 1e3:.3f}), same tokens: {k1['tokens_equal']}",
+              flush=True)
+        res["klaq_triton_ab"] = {x: y for x, y in k1.items() if x not in ("model", "tokens")}
         del k1
     if not args.skip_torch_backend:
         t = bench_klaq(pf, "torch", prompt, args.new_tokens, bandwidth)

@@ -41,10 +41,11 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
 
-With ``KLAQ_PDL=1`` on Hopper the GEMVs launch with programmatic dependent launch
-(:mod:`klaq.kernels.pdl`): a program (optionally prefetching its weight rows into L2) lets the next
-kernel launch and waits for the previous one before it reads x or writes anything, so its launch
-overlaps the kernel before it. Measured on an H100 it did not speed up a chain of large GEMVs.
+On Hopper the GEMVs launch with programmatic dependent launch (:mod:`klaq.kernels.pdl`; off with
+``KLAQ_PDL=0``): a program (optionally prefetching its weight rows into L2, or loading its first
+step of words: ``early``) lets the next kernel launch and waits for the previous one before it reads
+x or writes anything, so its launch overlaps the kernel before it. On an H100 that made SmolLM2's
+decode step 10% faster and a chain of large GEMVs alone no faster.
 
 Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.3-2.9x cuBLAS fp16 on
 Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
@@ -785,6 +786,9 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
 
     * M = 1, small layers (N * K < 4M, SmolLM2's): ``gemv_wide``, no split-K: 2.4-3.4 us, 1.35-1.5x
       cuBLAS, where the split-K GEMV took 4.0-4.8 us (its atomics and tile counter are latency).
+      With PDL its first step of words is loaded before the wait (``early``: SmolLM2's decode step
+      1345 -> 1376 tokens/s on an H100, bench/pdl_decode_check.py); ``gemv_h2`` keeps it off (its
+      8 x 2 config went from 7.1 to 9.9 us per call at 4096 x 4096 in a chain, bench/pdl_sweep.py).
     * M = 1, large layers, fp16: ``gemv_h2`` (half2 dequantization), 2.5-3.1x cuBLAS on Llama-3-8B
       shapes (symmetric weights) where the fp32 ``gemv`` reached 1.6-1.8x. Narrow row blocks and
       wide steps over split-K: 8 rows x 2 K-tiles per program up to N = 4096, 16 x 4 above, 32 x 2
@@ -810,7 +814,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     if m == 1:
         if n * k < 1 << 22:
             return dict(kernel="gemv_wide", block_n=8 if k < 1024 else 4, tiles=4, split=1, num_warps=4,
-                        num_stages=1)
+                        num_stages=1, early=True)
         if dtype == torch.float16:
             long_k = k >= 8192
             block_n, tiles = (32, 2) if long_k else (16, 4) if n > 4096 else (8, 2)
@@ -845,6 +849,13 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
     return _GLUON[0] is not None
 
 
+def early_words(early: bool | None, use_pdl: bool, cfg: dict) -> bool:
+    """Whether a GEMV loads its first step of words before PDL's wait: as asked, else the config's
+    choice, and that only with PDL (where the loads overlap the previous kernel; without it they are
+    the loop's first step peeled off)."""
+    return bool(early) if early is not None else use_pdl and bool(cfg.get("early", False))
+
+
 def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_m: int | None = None,
                  block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, tiles: int | None = None,
@@ -859,10 +870,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     ``gemm_swap`` (tensor cores, x or the weight as the left operand; ``h2=False`` keeps their fp32
     dequantization for fp16 x), or ``dequant`` (whole weight to x's dtype in a scratch buffer, then cuBLAS).
     ``pdl``: launch the GEMVs with programmatic dependent launch where supported (kernels/pdl.py;
-    default: ``KLAQ_PDL=1``), ``prefetch``: with it, their weight rows go to L2 before the wait,
+    default: on unless ``KLAQ_PDL=0``), ``prefetch``: with it, their weight rows go to L2 before the wait,
     ``pdl_late``: the next kernel may launch only after the main loop (default: at the start),
     ``early``: ``gemv_h2`` and ``gemv_wide`` load their first step's words (``gemv_h2`` with
-    ``s_ahead`` its scales too) before that wait.
+    ``s_ahead`` its scales too) before that wait (default: :func:`early_words`).
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
@@ -876,7 +887,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         cfg["block_m"] = triton.next_power_of_2(m)
     for key, val in dict(block_m=block_m, block_n=block_n, split=split, num_warps=num_warps,
                          num_stages=num_stages, tiles=tiles, h2=h2, x_ahead=x_ahead,
-                         s_ahead=s_ahead, early=early).items():
+                         s_ahead=s_ahead).items():
         if val is not None:
             cfg[key] = val
     kind = cfg["kernel"]
@@ -912,6 +923,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     use_pdl = gemv and (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
     pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and bool(prefetch), PDL_LATE=use_pdl and bool(pdl_late),
                     **launch_kwargs(use_pdl))
+    use_early = early_words(early, use_pdl, cfg)
     tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
     ws, counters = _workspace(x.device, m * n if split > 1 else 0, tiles_out)
     offsets = w.offsets if w.offsets is not None else w.scales  # unused when symmetric
@@ -926,12 +938,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
             *args, TILES=step, PAIR_GROUP=pair_group, ASM=not _INTERPRET, X_AHEAD=bool(cfg.get("x_ahead", False)),
-            S_AHEAD=bool(cfg.get("s_ahead", False)), EARLY=bool(cfg.get("early", False)), **meta,
-            **pdl_meta)
+            S_AHEAD=bool(cfg.get("s_ahead", False)), EARLY=use_early, **meta, **pdl_meta)
     elif kind == "gemv_wide":
         _gemv_wide_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, TILES=step,
-                                                                   EARLY=bool(cfg.get("early", False)), **meta,
-                                                                   **pdl_meta)
+                                                                   EARLY=use_early, **meta, **pdl_meta)
     else:
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
         use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)

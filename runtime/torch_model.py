@@ -248,7 +248,7 @@ class TorchDecoder:
     @property
     def uses_pdl(self) -> bool:
         """Whether the decode step's Triton kernels launch with programmatic dependent launch
-        (klaq.kernels.pdl: ``KLAQ_PDL=1`` on Hopper or later; read when a graph is captured)."""
+        (klaq.kernels.pdl: on Hopper or later unless ``KLAQ_PDL=0``; read when a graph is captured)."""
         if self.device.type != "cuda" or (self.backend != "triton" and self._ops is None):
             return False
         from klaq.kernels.pdl import pdl_enabled

@@ -15,9 +15,9 @@ block to four launches, each written against the plain-torch versions in
 * :func:`act_mul`: ``act(gate) * up`` on the fused gate/up output.
 
 Positions are read from device memory everywhere, so shapes never change between decode steps.
-With ``KLAQ_PDL=1`` on Hopper each kernel launches with programmatic dependent launch and waits for
-its predecessor before touching memory (:mod:`klaq.kernels.pdl`), so its launch overlaps the kernel
-before it.
+On Hopper each kernel launches with programmatic dependent launch (off with ``KLAQ_PDL=0``) and
+waits for its predecessor before touching memory (:mod:`klaq.kernels.pdl`), so its launch overlaps
+the kernel before it.
 """
 
 from __future__ import annotations

@@ -25,9 +25,13 @@ from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
-def test_opt_in_and_never_without_a_hopper_gpu(monkeypatch):
+def test_on_by_default_where_supported_and_never_without_a_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(pdl, "pdl_supported", lambda device=None: True)
     monkeypatch.delenv("KLAQ_PDL", raising=False)
-    assert not pdl.pdl_enabled("cuda")  # off by default
+    assert pdl.pdl_enabled("cuda")  # on by default
+    monkeypatch.setenv("KLAQ_PDL", "0")
+    assert not pdl.pdl_enabled("cuda")
+    monkeypatch.undo()
     monkeypatch.setenv("KLAQ_PDL", "1")
     assert not pdl.pdl_enabled("cpu") and not pdl.pdl_supported("cpu")
     assert pdl.launch_kwargs(False) == {} and pdl.launch_kwargs(True) == {"launch_pdl": True}
@@ -35,9 +39,19 @@ def test_opt_in_and_never_without_a_hopper_gpu(monkeypatch):
     assert not pdl.pdl_enabled("cuda") and not pdl.pdl_supported("cuda")
 
 
+def test_early_words_by_default_only_with_pdl_and_only_for_gemv_wide():
+    from klaq.kernels.triton_w4a16 import default_config, early_words
+
+    wide, h2 = default_config(1, 576, 576), default_config(1, 4096, 4096)
+    assert wide["kernel"] == "gemv_wide" and early_words(None, True, wide)
+    assert not early_words(None, False, wide)  # no PDL: nothing to overlap
+    assert h2["kernel"] == "gemv_h2" and not early_words(None, True, h2)
+    assert early_words(True, False, h2) and not early_words(False, True, wide)  # asked for: as asked
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_on_by_compute_capability(monkeypatch):
-    monkeypatch.setenv("KLAQ_PDL", "1")
+    monkeypatch.delenv("KLAQ_PDL", raising=False)
     if pdl._INTERPRET:
         pytest.skip("the interpreter runs no griddepcontrol")
     assert pdl.pdl_enabled("cuda") == (torch.cuda.get_device_capability()[0] >= 9)

@@ -1,0 +1,42 @@
+"""bench/gpu_decode.py's report, from the recorded H100 run (the GPU run itself is the benchmark)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+ROOT = Path(__file__).parents[2]
+_spec = importlib.util.spec_from_file_location("klaq_bench_gpu_decode", ROOT / "bench" / "gpu_decode.py")
+gpu_decode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_decode)
+
+
+@pytest.fixture
+def res():
+    """bench/results/gpu_decode_h100_pdl.json, recorded before the A/B key was renamed."""
+    r = json.loads((ROOT / "bench" / "results" / "gpu_decode_h100_pdl.json").read_text())
+    r["klaq_triton_ab"] = dict(r.pop("klaq_triton_pdl"), pdl=True)
+    return r
+
+
+def test_report_rows_and_the_ab_direction(res):
+    md = gpu_decode.markdown(res)
+    assert "**NVIDIA H100 80GB HBM3**" in md
+    assert "| **1251** |" in md and "| **1348** |" in md  # default run, then the A/B
+    assert "programmatic dependent launch on (`KLAQ_PDL=1`); different greedy tokens" in md
+    res["klaq_triton"]["pdl"], res["klaq_triton_ab"]["pdl"] = True, False
+    res["klaq_triton_ab"]["tokens_equal"] = True
+    md = gpu_decode.markdown(res)
+    assert "CUDA graph, programmatic dependent launch (M=1" in md
+    assert "programmatic dependent launch off (`KLAQ_PDL=0`); same greedy tokens" in md
+    assert md.count("- sweep: ") == len(res["sweep"]) == 7
+
+
+def test_update_markdown_replaces_only_its_section(tmp_path, res):
+    doc = tmp_path / "B.md"
+    doc.write_text("# klaq benchmarks\n\n## GPU kernels\n\nkeep\n\n## GPU decode\n\nold\n\n## Later\n\nkeep too\n")
+    gpu_decode.update_markdown(str(doc), gpu_decode.markdown(res))
+    text = doc.read_text()
+    assert "old" not in text and "keep\n" in text and "## Later\n\nkeep too" in text and "| **1348** |" in text
