@@ -49,3 +49,15 @@ def test_weight_copies_are_distinct_and_exceed_the_working_set():
         assert (w.in_features, w.out_features, w.group_size, w.block_k) == (256, 64, 128, base.block_k)
     dense = bench_kernels.dense_copies(torch.ones(64, 256, dtype=torch.float16))
     assert sum(d.nbytes for d in dense) >= bench_kernels.WORKING_SET and len({d.data_ptr() for d in dense}) == len(dense)
+
+
+def test_targets_say_how_the_chain_ran():
+    """The M = 1 targets report each call alone and the dependent chain, naming PDL's state."""
+    rows = [dict(n=n, k=k, m=1, t16=30.0, t4=10.0, t16c=31.0, t4c=10.0 + i, pdl=True)
+            for i, (n, k) in enumerate(bench_kernels.LLAMA3_8B[:3])]
+    lines = bench_kernels.targets(rows)
+    assert lines[0] == "- M = 1, large shapes, >= 3.0x, each call alone: met (3.00x, 3.00x, 3.00x)"
+    assert lines[1] == ("- M = 1, large shapes, >= 3.0x, dependent chain (as in a decode step; PDL on): "
+                        "NOT met (3.10x, 2.82x, 2.58x)")
+    rows[1]["pdl"] = False
+    assert "PDL off" in bench_kernels.targets(rows)[1]
