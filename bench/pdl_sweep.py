@@ -61,7 +61,7 @@ def main():
         for cfg in [{}] + configs:
             try:
                 alone = graph_time_us([partial(w4a16_matmul, x, w, pdl=False, **cfg) for w in ws])
-                times = [graph_time_us(chain([partial(w4a16_matmul, w=w, **mode, **cfg) for w in ws], x, k))
+                times = [graph_time_us(chain([partial(w4a16_matmul, w=w, **{**cfg, **mode}) for w in ws], x, k))
                          for mode in modes.values()]
             except Exception as e:  # a config past the resource limits
                 print(f"   {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
