@@ -148,12 +148,19 @@ def export_cmd(model, output, target, method, beta, tau, kl_source, rounding, sa
               help="numpy backend: weights dequantized to float32 at load (fast), or 4-bit weights kept "
                    "packed (about 1/7 of the memory, slower).")
 @click.option("--target", default=None, help="Report bandwidth against this device profile [default: the package's].")
+@click.option("--pdl/--no-pdl", default=None,
+              help="CUDA, Hopper or later: let each decode-step kernel launch while the one before still runs "
+                   "(programmatic dependent launch; same results) [default: on; env KLAQ_PDL=0 or 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print text and report as one JSON object.")
 @friendly
-def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, backend, resident, target, as_json):
+def run_cmd(package, prompt, max_new_tokens, temperature, top_p, seed, device, backend, resident, target, pdl,
+            as_json):
     """Generate text from PACKAGE and report load time, TTFT, tokens/s and memory."""
     from klaq.runtime.generate import generate
     from klaq.runtime.package import load_package
+
+    if pdl is not None:  # read by the kernels at each launch (klaq.kernels.pdl)
+        os.environ["KLAQ_PDL"] = "1" if pdl else "0"
 
     pkg = load_package(package, backend=backend, device=device, resident=resident)
     stream = None if as_json else (lambda s: click.echo(s, nl=False))

@@ -129,3 +129,19 @@ def test_export_gptq_through_cli(tiny_llama_dir, tmp_path):
     bad = klaq("export", str(tiny_llama_dir), "-o", str(tmp_path / "r.gguf"), "--method", "rtn", "--fp-target", "0.1")
     assert bad.returncode != 0 and "--fp-target" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "r.gguf").exists()
+
+
+@pytest.mark.parametrize("flag,want", [("--no-pdl", "0"), ("--pdl", "1")])
+def test_run_pdl_flag_sets_what_the_kernels_read(tiny_q4_package, monkeypatch, flag, want):
+    """--pdl/--no-pdl is KLAQ_PDL for this run (the CUDA kernels read it at each launch); on CPU the
+    report has no PDL line and generation is unchanged."""
+    from click.testing import CliRunner
+
+    from klaq.cli import run_cmd
+
+    monkeypatch.delenv("KLAQ_PDL", raising=False)
+    res = CliRunner().invoke(run_cmd, [str(tiny_q4_package), "-n", "2", "--json", flag])
+    assert res.exit_code == 0, res.output
+    assert os.environ["KLAQ_PDL"] == want
+    assert '"pdl": null' in res.output
+    assert "--pdl / --no-pdl" in CliRunner().invoke(run_cmd, ["--help"]).output
