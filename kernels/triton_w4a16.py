@@ -169,6 +169,7 @@ def _group_affine(s_ptrs, o_ptrs, mask, HAS_ZERO: tl.constexpr):
 
 @triton.jit
 def _load(ptrs, mask):
+    """``tl.load``, masked (zeros) unless ``mask`` is None."""
     if mask is None:
         v = tl.load(ptrs)
     else:
@@ -343,26 +344,16 @@ def _pair_scales(s_ptr, o_ptr, ka, offs_n, N, group_size, SUB: tl.constexpr, HAS
     ``mask``: loads to skip (zeros), for a step whose scales were loaded earlier.
     """
     ga = ka // group_size
-    sa = _load_if(s_ptr + ga * N + offs_n, mask)
-    noa = -_load_if(o_ptr + ga * N + offs_n, mask) if HAS_ZERO else sa
+    sa = _load(s_ptr + ga * N + offs_n, mask)
+    noa = -_load(o_ptr + ga * N + offs_n, mask) if HAS_ZERO else sa
     if PAIR_GROUP:
         sb = sa
         nob = noa
     else:
         gb = (ka + SUB) // group_size
-        sb = _load_if(s_ptr + gb * N + offs_n, mask)
-        nob = -_load_if(o_ptr + gb * N + offs_n, mask) if HAS_ZERO else sb
+        sb = _load(s_ptr + gb * N + offs_n, mask)
+        nob = -_load(o_ptr + gb * N + offs_n, mask) if HAS_ZERO else sb
     return sa, sb, noa, nob
-
-
-@triton.jit
-def _load_if(ptrs, mask):
-    """``tl.load``, masked (zeros) unless ``mask`` is None."""
-    if mask is None:
-        v = tl.load(ptrs)
-    else:
-        v = tl.load(ptrs, mask=mask, other=0.0)
-    return v
 
 
 @triton.jit
@@ -461,9 +452,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     # EARLY: the first step's words, and with S_AHEAD its scales, are loaded before PDL's wait, since
     # no weight depends on the previous kernel; x and everything else come after it (without PDL the
     # same loads, only peeled off the loop).
-    W_EARLY: tl.constexpr = EARLY
     w_e = _early_words(w_ptr, n3, Kw, t_start, t3, t_end, j3, zero, SUB, EARLY)
-    if W_EARLY:
+    if EARLY:
         if S_AHEAD:
             kg_e = tl.minimum(t_start + t3, t_end - 1) * (8 * SUB)
             se0 = _pair_scales(s_ptr, o_ptr, kg_e, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP)
@@ -487,7 +477,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
             na2, nb2 = _x_pair(x_ptr, ttn, ttn < t_end, 2, j3, K, SUB, EVEN_K)
             na3, nb3 = _x_pair(x_ptr, ttn, ttn < t_end, 3, j3, K, SUB, EVEN_K)
         kg = tl.minimum(tt, t_end - 1) * (8 * SUB)  # a dead tile reads a live tile's (finite) scales
-        if S_AHEAD and W_EARLY:  # the first step's scales came before the wait
+        if S_AHEAD and EARLY:  # the first step's scales came before the wait
             later = (tt >= t_start + TILES) & (n3 >= 0)  # not the first step: [BLOCK_N, TILES, 1]
             sc0 = _pick(first, se0, _pair_scales(s_ptr, o_ptr, kg, n3, N, group_size, SUB, HAS_ZERO, PAIR_GROUP,
                                                  later))
