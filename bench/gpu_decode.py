@@ -277,10 +277,21 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+EARLIER = "### Earlier runs"
+
+
 def update_markdown(path: str, section: str) -> None:
+    """Replace the '## GPU decode' section with this run's, keeping its '### Earlier runs' part (the
+    record of what earlier runs measured and why) below the new table."""
     text = open(path).read() if os.path.exists(path) else "# klaq benchmarks\n\n"
     pat = re.compile(r"^## GPU decode\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pat.sub(lambda _: section + "\n", text) if pat.search(text) else text.rstrip() + "\n\n" + section
+
+    def keep_earlier(match: re.Match) -> str:
+        old = match.group(0)
+        at = old.find("\n" + EARLIER)
+        return section + "\n" + (old[at + 1:].rstrip() + "\n\n" if at >= 0 else "")
+
+    text = pat.sub(keep_earlier, text) if pat.search(text) else text.rstrip() + "\n\n" + section
     with open(path, "w") as f:
         f.write(text)
 

@@ -97,22 +97,39 @@ def _issue_x(x_desc, x_smem, bars, m0, k_base, j, n_slices, c0, SUB: gl.constexp
 
 
 @gluon.jit
-def _owner(u, units, programs):
-    """The program whose share of the ``units`` (K-tiles of all output tiles) holds unit ``u``."""
-    return ((u + 1) * programs - 1) // units
+def _begin(q, units, programs, dp, n_tiles):
+    """The first unit (K-tile of an output tile) of program ``q``'s share: programs below ``dp``
+    take one whole output tile each, the others equal shares of the units left."""
+    if q <= dp:
+        b = q * n_tiles
+    else:
+        b = dp * n_tiles + ((q - dp) * (units - dp * n_tiles)) // (programs - dp)
+    return b
+
+
+@gluon.jit
+def _owner(u, units, programs, dp, n_tiles):
+    """The program whose share (:func:`_begin`) holds unit ``u``."""
+    if u < dp * n_tiles:
+        q = u // n_tiles
+    else:
+        q = dp + ((u - dp * n_tiles + 1) * (programs - dp) - 1) // (units - dp * n_tiles)
+    return q
 
 
 @gluon.jit
 def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
-                       n_tiles, blocks_m, units, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+                       n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, OUT_VEC: gl.constexpr,
                        OUT_TN: gl.constexpr, num_warps: gl.constexpr):
-    # Stream-K: the output tiles' K-tiles ("units") are cut into equal shares, one per program, so
-    # every SM gets the same work whatever the tile count (a plain grid of 64 x 128 tiles ran 1.7
-    # waves at 14336 x 4096). A share may start or end inside an output tile: its partial sum goes to
-    # the program's own fp32 slot (first or last segment) with plain stores, and the tile's last
-    # program to arrive adds the others' slots in program order (deterministic: no float atomics;
-    # fp32 atomics into one buffer measured the same speed) and stores y.
+    # Stream-K: the output tiles' K-tiles ("units") are cut into shares, one per program, so every
+    # SM gets the same work whatever the tile count (a plain grid of 64 x 128 tiles ran 1.7 waves at
+    # 14336 x 4096). The first ``dp`` programs take one whole tile each (data-parallel waves), the
+    # rest equal shares of what is left. A share may start or end inside an output tile: its partial
+    # sum goes to the program's own fp32 slot (first or last segment) with plain stores, in the
+    # accumulator's own layout (no shared-memory round trip), and the tile's last program to arrive
+    # adds the others' slots in program order (deterministic: no float atomics; fp32 atomics into
+    # one buffer measured the same speed) and stores y.
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -122,9 +139,9 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
 
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    u = (pid * units) // programs
+    u = _begin(pid, units, programs, dp, n_tiles)
     u_begin = u
-    u_end = ((pid + 1) * units) // programs
+    u_end = _begin(pid + 1, units, programs, dp, n_tiles)
 
     x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, SUB], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -200,24 +217,23 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         else:
             # partial sums in the program's own slot (plain stores); the tile's last program adds the
             # other shares' slots in program order (deterministic) and stores y
-            part = gl.convert_layout(gl.permute(acc, (1, 0)), out_l)
-            loc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l)), 1) * BLOCK_N + \
-                gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l)), 0)
+            loc = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma)), 1) * BLOCK_M + \
+                gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma)), 0)
             slot = 1 - (u_seg == u_begin).to(gl.int32)  # a share's first segment, or its last
-            gl.store(ws_ptr + (pid * 2 + slot) * (BLOCK_M * BLOCK_N) + loc, part)
+            gl.store(ws_ptr + (pid * 2 + slot) * (BLOCK_M * BLOCK_N) + loc, acc)
             gl.thread_barrier()
-            q0 = _owner(tile * n_tiles, units, programs)
-            q1 = _owner((tile + 1) * n_tiles - 1, units, programs)
+            q0 = _owner(tile * n_tiles, units, programs, dp, n_tiles)
+            q1 = _owner((tile + 1) * n_tiles - 1, units, programs, dp, n_tiles)
             if gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == q1 - q0:
                 gl.thread_barrier()
-                total = gl.zeros_like(part)
+                total = gl.zeros_like(acc)
                 for q in range(q0, q1 + 1):
                     if q == pid:
-                        total += part
+                        total += acc
                     else:
-                        qs = 1 - ((q * units // programs) // n_tiles == tile).to(gl.int32)
+                        qs = 1 - (_begin(q, units, programs, dp, n_tiles) // n_tiles == tile).to(gl.int32)
                         total += gl.load(ws_ptr + (q * 2 + qs) * (BLOCK_M * BLOCK_N) + loc, cache_modifier=".cg")
-                gl.store(y_ptrs, total.to(gl.float16), mask=mask)
+                gl.store(y_ptrs, gl.convert_layout(gl.permute(total.to(gl.float16), (1, 0)), out_l), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
             gl.thread_barrier()
     for b in gl.static_range(STAGES):
@@ -242,7 +258,7 @@ def _sm_count(device) -> int:
     return _SMS[device]
 
 
-def default_programs(m: int, tiles: int, k_tiles: int, sms: int) -> int:
+def default_programs(m: int, tiles: int, k_tiles: int, sms: int) -> tuple[int, int]:
     """The persistent grid, from bench/gluon_probe.py on an H100 (Llama-3-8B shapes).
 
     Up to 64 tokens, stream-K over two programs per SM (one 98 KB program per 64 x 64 tile left
@@ -250,10 +266,27 @@ def default_programs(m: int, tiles: int, k_tiles: int, sms: int) -> int:
     against 0.84-1.19x for ``gemm_swap``. From 128 tokens, one program per tile (stream-K's partial
     tiles cost more than the waves it evens out: 0.67-0.72x against 0.81-0.94x), two K-halves per
     tile when K is long and the tiles do not fill the SMs (4096 x 14336: 1.00x against 0.83x).
+    Where the tiles outrun two waves of two programs per SM, the whole SM-waves run one tile per
+    program and the tiles left over are shared by one more program per SM (14336 x 4096, M = 256:
+    448 tiles, 396 whole and 52 shared by 132 programs: 65.4 us against 68.0 one per tile; every
+    split with more shared tiles was slower, e.g. 264 whole + 264 sharing 184 tiles: 74.4 us).
     """
     if m <= 64:
-        return 2 * sms
-    return tiles * (2 if k_tiles >= 16 and tiles <= sms else 1)
+        return 2 * sms, 0
+    if tiles > 2 * sms:
+        whole = tiles // sms * sms
+        return whole + sms, whole
+    return tiles * (2 if k_tiles >= 16 and tiles <= sms else 1), 0
+
+
+def grid(programs: int, dp: int, tiles: int, k_tiles: int) -> tuple[int, int]:
+    """``(programs, dp)`` made launchable: at least one program, whole tiles only for existing tiles,
+    and every stream-K share at least one unit (an empty share would never arrive at its tile)."""
+    dp = max(0, min(dp, tiles, programs))
+    left = (tiles - dp) * k_tiles
+    if left == 0:
+        return dp, dp
+    return dp + max(1, min(programs - dp, left)), dp
 
 
 def default_block_m(m: int, n: int, sms: int, block_n: int = 64) -> int:
@@ -266,11 +299,12 @@ def default_block_m(m: int, n: int, sms: int, block_n: int = 64) -> int:
 
 
 def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | None = None, stages: int = 6,
-               num_warps: int = 4, programs: int | None = None) -> torch.Tensor:
+               num_warps: int = 4, programs: int | None = None, dp: int | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16 ``x [M, K]`` on Hopper (K % 8 == 0 for TMA's 16-byte row stride).
 
-    ``block_m``: tokens per tile (:func:`default_block_m`); ``programs``: the persistent grid
-    (:func:`default_programs`).
+    ``block_m``: tokens per tile (:func:`default_block_m`); ``programs``: the persistent grid and
+    ``dp``: how many of its programs take one whole output tile each before the rest share what is
+    left (:func:`default_programs`).
     """
     if stages < 4:  # STAGES // 2 - 1 pairs of x slices in flight: none would leave the first wait hanging
         raise ValueError(f"stages must be at least 4, got {stages}")
@@ -286,15 +320,15 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
     tiles = triton.cdiv(n, block_n) * blocks_m
     units = tiles * w.n_tiles
     if programs is None:
-        programs = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
-    programs = max(1, min(programs, units))
+        programs, dp = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
+    programs, dp = grid(programs, dp or 0, tiles, w.n_tiles)
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)
     _, cnt = _workspace(x.device, 0, tiles)  # per-tile arrival counters, zero between calls
     ws = _slots(x.device, 2 * programs * block_m * block_n)
     offsets = w.offsets if w.offsets is not None else w.scales
     vec = 8 if block_n >= 256 else 4  # the epilogue's n-contiguous store layout
     _gemm_wgmma_kernel[(programs, )](x_desc, w.qweight, w.scales, offsets, y, ws, cnt, m, n, w.qweight.shape[1],
-                                     y.stride(0), w.group_size, w.n_tiles, blocks_m, units,
+                                     y.stride(0), w.group_size, w.n_tiles, blocks_m, units, dp,
                                      HAS_ZERO=w.offsets is not None, BLOCK_N=block_n, BLOCK_M=block_m, SUB=sub,
                                      STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec),
                                      num_warps=num_warps)

@@ -40,3 +40,14 @@ def test_update_markdown_replaces_only_its_section(tmp_path, res):
     gpu_decode.update_markdown(str(doc), gpu_decode.markdown(res))
     text = doc.read_text()
     assert "old" not in text and "keep\n" in text and "## Later\n\nkeep too" in text and "| **1348** |" in text
+
+
+def test_update_markdown_keeps_the_earlier_runs(tmp_path, res):
+    """The section's '### Earlier runs' part survives a new run's table, which goes above it."""
+    doc = tmp_path / "B.md"
+    doc.write_text("# b\n\n## GPU decode\n\nold table\n\n### Earlier runs\n\n- run 1\n\n## Later\n\nkeep\n")
+    gpu_decode.update_markdown(str(doc), gpu_decode.markdown(res))
+    gpu_decode.update_markdown(str(doc), gpu_decode.markdown(res))
+    text = doc.read_text()
+    assert "old table" not in text and text.count("### Earlier runs\n\n- run 1\n\n## Later\n\nkeep") == 1
+    assert text.index("| **1348** |") < text.index("### Earlier runs") and text.count("## GPU decode") == 1

@@ -59,6 +59,35 @@ def test_wgmma_configs(block_m, stages):
 
 
 @hopper
+@pytest.mark.parametrize("n,k,m", [(300, 576, 256), (1000, 4096 + 64, 200), (576, 1536, 64)])
+@pytest.mark.parametrize("programs,dp", [(7, 3), (12, 5), (40, 2), (9, 9), (3, 100)])
+def test_wgmma_whole_tiles_then_shares(n, k, m, programs, dp):
+    """``dp`` programs take one whole tile each, the others share the rest (stream-K), including
+    shares that cover several tiles, more programs than units left, and ``dp`` past the tiles; the
+    same call twice gives the same bits (partials meet in program order) and leaves no counter set."""
+    from klaq.kernels.gluon_w4a16 import gemm_wgmma
+    from klaq.kernels.triton_w4a16 import _WORKSPACES
+
+    w, x, y = check(n, k, 128, True, m, seed=programs, programs=programs, dp=dp)
+    assert torch.equal(y, gemm_wgmma(x, w, programs=programs, dp=dp))
+    assert not _WORKSPACES[x.device][1].any()
+
+
+def test_grid_keeps_every_share_nonempty():
+    """(programs, dp) as launched: dp within the tiles and the grid, at least one unit per share."""
+    gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
+
+    assert gluon_w4a16.grid(264, 132, 192, 8) == (264, 132)  # 132 whole tiles, 132 shares of 60 tiles
+    assert gluon_w4a16.grid(528, 264, 448, 8) == (528, 264)
+    assert gluon_w4a16.grid(128, 0, 128, 8) == (128, 0)  # one program per tile
+    assert gluon_w4a16.grid(500, 0, 10, 8) == (80, 0)  # no more shares than units
+    assert gluon_w4a16.grid(20, 9, 10, 8) == (17, 9)  # 1 tile left: 8 shares of one unit
+    assert gluon_w4a16.grid(9, 9, 10, 8) == (10, 9)  # a tile nobody took gets a share
+    assert gluon_w4a16.grid(3, 100, 10, 8) == (4, 3)  # dp past the grid: 3 whole tiles, one share of the rest
+    assert gluon_w4a16.grid(0, 0, 10, 8) == (1, 0)
+
+
+@hopper
 def test_wgmma_partial_tiles_leave_the_workspace_clean():
     from klaq.kernels.triton_w4a16 import _WORKSPACES
 
@@ -89,17 +118,19 @@ def test_dispatch_takes_wgmma_on_hopper(m, monkeypatch):
 def test_default_tiles_and_grid():
     """The launch rules as measured on an H100 (132 SMs): 64-token tiles for up to 64 tokens, and
     up to 128 when 128-token tiles would fill at most half the SMs; stream-K below 65 tokens, one
-    program per tile above, two K-halves per tile when K is long and the tiles do not fill the SMs."""
+    program per tile above, two K-halves per tile when K is long and the tiles do not fill the SMs,
+    and past two waves of two per SM whole tiles for the full SM-waves, the rest shared."""
     gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
 
     assert gluon_w4a16.default_block_m(17, 4096, 132) == 64
     assert gluon_w4a16.default_block_m(128, 4096, 132) == 64
     assert gluon_w4a16.default_block_m(128, 14336, 132) == 128
     assert gluon_w4a16.default_block_m(256, 4096, 132) == 128
-    assert gluon_w4a16.default_programs(64, 64, 8, 132) == 264
-    assert gluon_w4a16.default_programs(256, 128, 8, 132) == 128
-    assert gluon_w4a16.default_programs(256, 128, 28, 132) == 256
-    assert gluon_w4a16.default_programs(256, 448, 28, 132) == 448
+    assert gluon_w4a16.default_programs(64, 64, 8, 132) == (264, 0)
+    assert gluon_w4a16.default_programs(256, 128, 8, 132) == (128, 0)
+    assert gluon_w4a16.default_programs(256, 128, 28, 132) == (256, 0)
+    assert gluon_w4a16.default_programs(256, 224, 28, 132) == (224, 0)
+    assert gluon_w4a16.default_programs(256, 448, 8, 132) == (528, 396)  # 3 SM-waves whole, 52 tiles shared
 
 
 @pytest.mark.parametrize("stages", [0, 2, 3])
