@@ -794,6 +794,10 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       loaded in the words' layout (10-60% slower). bf16 activations take the ``gemv``.
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
+      64 rows x 4 K-splits per program; for N >= 8192 (2048 <= K < 8192, the range around the one
+      measured K) 128 rows x 2 K-splits, a quarter
+      of the programs: 14336 x 4096 at M = 16 28.9 -> 24.3 us (1.49x -> 1.77x; 36 configs,
+      bench/results/gemm_m16_sweep_h100.jsonl), M = 2-8 1.41-1.53x -> 1.61-1.73x.
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
       dequantized in half2: 0.8-1.2x at M = 64 (0.7-1.0x with the fp32 dequant; ``gemm`` 0.5-0.65x).
     * On Hopper with fp16 activations, M > 16 goes to ``wgmma`` instead (see w4a16_matmul).
@@ -812,6 +816,8 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
                         num_warps=4, num_stages=1, x_ahead=True, s_ahead=not long_k)
         return dict(kernel="gemv", block_m=1, block_n=64, split=4, num_warps=4, num_stages=1)
     if m <= 16:
+        if n >= 8192 and 2048 <= k < 8192:  # 14336 x 4096, M = 16: 28.9 -> 24.3 us (112 x 2 programs, not 224 x 4)
+            return dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)
         return dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)
     if m <= 128:
         return dict(kernel="gemm_swap", block_m=32 if m <= 32 else 64, block_n=128, split=4, num_warps=8,

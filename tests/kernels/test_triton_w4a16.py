@@ -183,6 +183,30 @@ def test_gemv_h2_launch_table(n, k, launch):
     assert {key: cfg[key] for key in launch} == launch
 
 
+@pytest.mark.parametrize("n,k,launch", [
+    (4096, 4096, dict(block_n=64, split=4)),
+    (6144, 4096, dict(block_n=64, split=4)),
+    (14336, 4096, dict(block_n=128, split=2)),
+    (4096, 14336, dict(block_n=64, split=4)),
+    (49152, 576, dict(block_n=64, split=4)),  # a wide head over short K: not measured, the usual launch
+])
+@pytest.mark.parametrize("m", [2, 16])
+def test_gemm_launch_table(n, k, launch, m):
+    """M = 2-16 launch parameters on the Llama-3-8B shapes, as chosen on an H100 (14336 x 4096 at
+    M = 16: 28.9 -> 24.3 us with 128 rows x 2 K-splits; bench/results/gemm_m16_sweep_h100.jsonl)."""
+    from klaq.kernels.triton_w4a16 import default_config
+
+    cfg = default_config(m, n, k)
+    assert cfg["kernel"] == "gemm" and cfg["block_m"] == 16
+    assert {key: cfg[key] for key in launch} == launch
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_gemm_tall_blocks_two_splits(asym):
+    """The wide-N M = 2-16 launch (128 rows, 2 K-splits) on N off the block, ragged K."""
+    check(200, 1536 + 64, 64, asym, 5, kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)
+
+
 def test_long_ragged_k():
     check(16, 4096 + 64, 128, True, 1, kernel="gemv", block_n=16)
     check(16, 4096 + 64, 128, True, 1, kernel="gemv_h2", block_n=16)
