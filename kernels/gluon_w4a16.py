@@ -268,8 +268,9 @@ def default_programs(m: int, tiles: int, k_tiles: int, sms: int) -> tuple[int, i
     tile when K is long and the tiles do not fill the SMs (4096 x 14336: 1.00x against 0.83x).
     Where the tiles outrun two waves of two programs per SM, the whole SM-waves run one tile per
     program and the tiles left over are shared by one more program per SM (14336 x 4096, M = 256:
-    448 tiles, 396 whole and 52 shared by 132 programs: 65.4 us against 68.0 one per tile; every
-    split with more shared tiles was slower, e.g. 264 whole + 264 sharing 184 tiles: 74.4 us).
+    448 tiles, 396 whole and 52 shared by 132 programs: 65.4 us against 68.0 one per tile, and
+    66.2 against 66.3 / 67.8 in a second run, so 0-4%; every split with more shared tiles was
+    slower, e.g. 264 whole + 264 sharing 184 tiles: 74.4 us).
     """
     if m <= 64:
         return 2 * sms, 0
