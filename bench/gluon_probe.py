@@ -35,8 +35,7 @@ def resolve(cfg: dict, w, m: int) -> dict:
     """The config for one case: string values evaluated with the case's tiles, SMs, m, n, k_tiles."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     block_n = cfg.get("block_n", 64)
-    block_m = cfg.get("block_m") or gluon_w4a16.default_block_m(m, w.out_features, sms, block_n)
-    block_m = min(block_m, max(64, triton.next_power_of_2(m)))
+    block_m = gluon_w4a16.tokens_per_tile(m, w.out_features, sms, block_n, cfg.get("block_m"))
     names = dict(tiles=triton.cdiv(w.out_features, block_n) * triton.cdiv(m, block_m), sms=sms, m=m, n=w.out_features,
                  k_tiles=w.n_tiles, min=min, max=max)
     return {key: eval(v, {}, names) if isinstance(v, str) else v for key, v in cfg.items()}

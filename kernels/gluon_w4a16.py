@@ -299,6 +299,14 @@ def default_block_m(m: int, n: int, sms: int, block_n: int = 64) -> int:
     return 128
 
 
+def tokens_per_tile(m: int, n: int, sms: int, block_n: int = 64, block_m: int | None = None) -> int:
+    """The tile's token count as launched: the asked or default (:func:`default_block_m`) one, cut
+    to the smallest power of two (at least 64, the wgmma's) that holds all ``m`` tokens."""
+    if block_m is None:
+        block_m = default_block_m(m, n, sms, block_n)
+    return min(block_m, max(64, triton.next_power_of_2(m)))
+
+
 def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | None = None, stages: int = 6,
                num_warps: int = 4, programs: int | None = None, dp: int | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16 ``x [M, K]`` on Hopper (K % 8 == 0 for TMA's 16-byte row stride).
@@ -311,9 +319,7 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
         raise ValueError(f"stages must be at least 4, got {stages}")
     x2 = x.reshape(-1, w.in_features)
     m, n = x2.shape[0], w.out_features
-    if block_m is None:
-        block_m = default_block_m(m, n, _sm_count(x.device), block_n)
-    block_m = min(block_m, max(64, triton.next_power_of_2(m)))
+    block_m = tokens_per_tile(m, n, _sm_count(x.device), block_n, block_m)
     sub = w.block_k // 8
     layout = gl.NVMMASharedLayout.get_default_for([block_m, sub], gl.float16)
     x_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, sub], layout)
@@ -321,7 +327,8 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
     tiles = triton.cdiv(n, block_n) * blocks_m
     units = tiles * w.n_tiles
     if programs is None:
-        programs, dp = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
+        programs, default_dp = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
+        dp = default_dp if dp is None else dp
     programs, dp = grid(programs, dp or 0, tiles, w.n_tiles)
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)
     _, cnt = _workspace(x.device, 0, tiles)  # per-tile arrival counters, zero between calls

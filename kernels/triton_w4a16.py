@@ -795,9 +795,9 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
       64 rows x 4 K-splits per program; for N >= 8192 (2048 <= K < 8192, the range around the one
-      measured K) 128 rows x 2 K-splits, a quarter
-      of the programs: 14336 x 4096 at M = 16 28.9 -> 24.3 us (1.49x -> 1.77x; 36 configs,
-      bench/results/gemm_m16_sweep_h100.jsonl), M = 2-8 1.41-1.53x -> 1.61-1.73x.
+      measured K) 128 rows x 2 K-splits, a quarter of the programs: 14336 x 4096 at M = 16
+      28.9 -> 24.3 us (1.49x -> 1.77x; 36 configs, bench/results/gemm_m16_sweep_h100.jsonl),
+      M = 2-8 1.41-1.53x -> 1.61-1.73x.
     * M = 17-128: ``gemm_swap`` (weight rows on the tensor core's wide side), fp16 weights
       dequantized in half2: 0.8-1.2x at M = 64 (0.7-1.0x with the fp32 dequant; ``gemm`` 0.5-0.65x).
     * On Hopper with fp16 activations, M > 16 goes to ``wgmma`` instead (see w4a16_matmul).

@@ -73,6 +73,16 @@ def test_wgmma_whole_tiles_then_shares(n, k, m, programs, dp):
     assert not _WORKSPACES[x.device][1].any()
 
 
+def test_tokens_per_tile():
+    """The asked or default token count, cut to the power of two (at least 64) holding all tokens."""
+    gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
+
+    assert gluon_w4a16.tokens_per_tile(256, 4096, 132) == 128
+    assert gluon_w4a16.tokens_per_tile(100, 14336, 132) == 128
+    assert gluon_w4a16.tokens_per_tile(17, 4096, 132, block_m=128) == 64
+    assert gluon_w4a16.tokens_per_tile(256, 4096, 132, block_m=64) == 64
+
+
 def test_grid_keeps_every_share_nonempty():
     """(programs, dp) as launched: dp within the tiles and the grid, at least one unit per share."""
     gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
