@@ -129,7 +129,7 @@ def test_default_tiles_and_grid():
     """The launch rules as measured on an H100 (132 SMs): 64-token tiles for up to 64 tokens, and
     up to 128 when 128-token tiles would fill at most half the SMs; stream-K below 65 tokens, one
     program per tile above, two K-halves per tile when K is long and the tiles do not fill the SMs,
-    and past two waves of two per SM whole tiles for the full SM-waves, the rest shared."""
+    one whole tile per SM and K-halves for the rest up to 1.5 tiles per SM, and past two waves of two per SM whole tiles for the full SM-waves, the rest shared."""
     gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
 
     assert gluon_w4a16.default_block_m(17, 4096, 132) == 64
@@ -140,6 +140,9 @@ def test_default_tiles_and_grid():
     assert gluon_w4a16.default_programs(256, 128, 8, 132) == (128, 0)
     assert gluon_w4a16.default_programs(256, 128, 28, 132) == (256, 0)
     assert gluon_w4a16.default_programs(256, 224, 28, 132) == (224, 0)
+    assert gluon_w4a16.default_programs(256, 192, 8, 132) == (252, 132)  # 132 whole, 60 tiles in K-halves
+    assert gluon_w4a16.default_programs(256, 199, 8, 132) == (199, 0)  # past 1.5 tiles per SM
+    assert gluon_w4a16.default_programs(256, 192, 1, 132) == (192, 0)  # one K-tile: nothing to halve
     assert gluon_w4a16.default_programs(256, 448, 8, 132) == (528, 396)  # 3 SM-waves whole, 52 tiles shared
 
 
