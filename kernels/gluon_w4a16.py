@@ -49,38 +49,58 @@ def _half2(a, b):
 
 
 @gluon.jit
-def _pair_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr):
+def _pair_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr,
+                 PAIR_GROUP: gl.constexpr):
     """Raw scales (and offsets) ``[BLOCK_N]`` of the two slices from code ``k0``.
 
-    Kept as loaded until :func:`_dq_pair` packs them: packing at the load would stall on its latency.
+    Kept as loaded until :func:`_packed` packs them: packing at the load would stall on its latency.
     Symmetric weights have no offsets: the scales stand in (the _SYM assembly ignores them).
+    ``PAIR_GROUP``: both slices lie in one group (2 * SUB divides the group size), so one load, and
+    fewer registers live across the loop.
     """
     ga = k0 // group_size
-    gb = (k0 + SUB) // group_size
     sa = gl.load(s_ptr + ga * N + s_rows)
+    if HAS_ZERO:
+        oa = gl.load(o_ptr + ga * N + s_rows)
+    else:
+        oa = sa
+    if PAIR_GROUP:
+        return sa, sa, oa, oa
+    gb = (k0 + SUB) // group_size
     sb = gl.load(s_ptr + gb * N + s_rows)
     if HAS_ZERO:
-        return sa, sb, gl.load(o_ptr + ga * N + s_rows), gl.load(o_ptr + gb * N + s_rows)
+        return sa, sb, oa, gl.load(o_ptr + gb * N + s_rows)
     return sa, sb, sa, sb
 
 
 @gluon.jit
-def _tile_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr):
+def _tile_scales(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr,
+                 PAIR_GROUP: gl.constexpr):
     """The raw scales / offsets of a tile's 4 pairs (:func:`_pair_scales`), as one 16-tuple."""
-    s0a, s0b, o0a, o0b = _pair_scales(s_ptr, o_ptr, k0, SUB, s_rows, N, group_size, HAS_ZERO)
-    s1a, s1b, o1a, o1b = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, s_rows, N, group_size, HAS_ZERO)
-    s2a, s2b, o2a, o2b = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, s_rows, N, group_size, HAS_ZERO)
-    s3a, s3b, o3a, o3b = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, s_rows, N, group_size, HAS_ZERO)
+    s0a, s0b, o0a, o0b = _pair_scales(s_ptr, o_ptr, k0, SUB, s_rows, N, group_size, HAS_ZERO, PAIR_GROUP)
+    s1a, s1b, o1a, o1b = _pair_scales(s_ptr, o_ptr, k0 + 2 * SUB, SUB, s_rows, N, group_size, HAS_ZERO, PAIR_GROUP)
+    s2a, s2b, o2a, o2b = _pair_scales(s_ptr, o_ptr, k0 + 4 * SUB, SUB, s_rows, N, group_size, HAS_ZERO, PAIR_GROUP)
+    s3a, s3b, o3a, o3b = _pair_scales(s_ptr, o_ptr, k0 + 6 * SUB, SUB, s_rows, N, group_size, HAS_ZERO, PAIR_GROUP)
     return s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a, o3b
 
 
 @gluon.jit
-def _dq_pair(words, p: gl.constexpr, sa, sb, oa, ob, HAS_ZERO: gl.constexpr):
-    """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 operands."""
-    z = gl.zeros_like(words)
-    s2 = gl.expand_dims(_half2(sa, sb), 1) + z
+def _packed(sa, sb, oa, ob, HAS_ZERO: gl.constexpr):
+    """A pair's scales and negated offsets as half2 ``[BLOCK_N]`` (the offsets only with zero points)."""
     if HAS_ZERO:
-        args = [words >> (4 * p), s2, gl.expand_dims(_half2(-oa, -ob), 1) + z]
+        return _half2(sa, sb), _half2(-oa, -ob)
+    s2 = _half2(sa, sb)
+    return s2, s2
+
+
+@gluon.jit
+def _dq_pair(words, p: gl.constexpr, s2, no2, HAS_ZERO: gl.constexpr):
+    """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 operands, from the
+    pair's packed scales and negated offsets (:func:`_packed`)."""
+    z = gl.zeros_like(words)
+    s2 = gl.expand_dims(s2, 1) + z
+    if HAS_ZERO:
+        args = [words >> (4 * p), s2, gl.expand_dims(no2, 1) + z]
         return gl.inline_asm_elementwise(_DQ_ASYM, "=h,=h,r,r,r", args, dtype=(gl.float16, gl.float16), is_pure=True,
                                          pack=1)
     return gl.inline_asm_elementwise(_DQ_SYM, "=h,=h,r,r,r", [words >> (4 * p), s2, s2],
@@ -119,7 +139,8 @@ def _owner(u, units, programs, dp, n_tiles):
 
 @gluon.jit
 def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
-                       n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, BLOCK_N: gl.constexpr,
+                       n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
+                       BLOCK_N: gl.constexpr,
                        BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, OUT_VEC: gl.constexpr,
                        OUT_TN: gl.constexpr, num_warps: gl.constexpr):
     # Stream-K: the output tiles' K-tiles ("units") are cut into shares, one per program, so every
@@ -130,6 +151,10 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     # accumulator's own layout (no shared-memory round trip), and the tile's last program to arrive
     # adds the others' slots in program order (deterministic: no float atomics; fp32 atomics into
     # one buffer measured the same speed) and stores y.
+    # Registers: at 254 of 255, ptxas moves part of the next pair's dequantization below the MMA wait
+    # (serialized with the tensor cores). Scales packed to half2 once per tile, and loaded once per pair
+    # where both slices share a group (PAIR_GROUP), leave it more room: H100, M = 128 4-8% faster,
+    # M = 256 1-5% (bench/results/wgmma_scales_ab_h100.txt).
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -170,15 +195,19 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         words = gl.load(w_ptrs + t_start * SUB)
         k0 = t_start * 8 * SUB
         (s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a,
-         o3b) = _tile_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO)
-        a0, a1 = _dq_pair(words, 0, s0a, s0b, o0a, o0b, HAS_ZERO)
+         o3b) = _tile_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
+        p0s, p0o = _packed(s0a, s0b, o0a, o0b, HAS_ZERO)
+        p1s, p1o = _packed(s1a, s1b, o1a, o1b, HAS_ZERO)
+        p2s, p2o = _packed(s2a, s2b, o2a, o2b, HAS_ZERO)
+        p3s, p3o = _packed(s3a, s3b, o3a, o3b, HAS_ZERO)
+        a0, a1 = _dq_pair(words, 0, p0s, p0o, HAS_ZERO)
         for t in range(t_start, t_end):
-            # the next tile's words and scales (this tile's again at the end: finite, unused)
+            # the next tile's words and raw scales (this tile's again at the end: finite, unused)
             tn = gl.minimum(t + 1, t_end - 1)
             nw = gl.load(w_ptrs + tn * SUB)
             kn = tn * 8 * SUB
             (ns0a, ns0b, no0a, no0b, ns1a, ns1b, no1a, no1b, ns2a, ns2b, no2a, no2b, ns3a, ns3b, no3a,
-             no3b) = _tile_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO)
+             no3b) = _tile_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
             for p in gl.static_range(4):
                 mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1)
                 tok = warpgroup_mma(a0, x_smem.index(c % STAGES).permute((1, 0)), acc, is_async=True)
@@ -190,20 +219,23 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                 _issue_x(x_desc, x_smem, bars, m0, k_base, j + 1, n_slices, c0, SUB, STAGES)
                 # dequantize the next pair while the tensor cores work on this one
                 if p == 0:
-                    b0, b1 = _dq_pair(words, 1, s1a, s1b, o1a, o1b, HAS_ZERO)
+                    b0, b1 = _dq_pair(words, 1, p1s, p1o, HAS_ZERO)
                 elif p == 1:
-                    b0, b1 = _dq_pair(words, 2, s2a, s2b, o2a, o2b, HAS_ZERO)
+                    b0, b1 = _dq_pair(words, 2, p2s, p2o, HAS_ZERO)
                 elif p == 2:
-                    b0, b1 = _dq_pair(words, 3, s3a, s3b, o3a, o3b, HAS_ZERO)
+                    b0, b1 = _dq_pair(words, 3, p3s, p3o, HAS_ZERO)
                 else:
-                    b0, b1 = _dq_pair(nw, 0, ns0a, ns0b, no0a, no0b, HAS_ZERO)
+                    # the next tile's first scales, packed three pairs after their loads
+                    p0s, p0o = _packed(ns0a, ns0b, no0a, no0b, HAS_ZERO)
+                    b0, b1 = _dq_pair(nw, 0, p0s, p0o, HAS_ZERO)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
                 a0 = b0
                 a1 = b1
                 c += 2
             words = nw
-            s0a, s0b, s1a, s1b, s2a, s2b, s3a, s3b = ns0a, ns0b, ns1a, ns1b, ns2a, ns2b, ns3a, ns3b
-            o0a, o0b, o1a, o1b, o2a, o2b, o3a, o3b = no0a, no0b, no1a, no1b, no2a, no2b, no3a, no3b
+            p1s, p1o = _packed(ns1a, ns1b, no1a, no1b, HAS_ZERO)
+            p2s, p2o = _packed(ns2a, ns2b, no2a, no2b, HAS_ZERO)
+            p3s, p3o = _packed(ns3a, ns3b, no3a, no3b, HAS_ZERO)
 
         # y [M, N] is n-contiguous: transpose the tile and store it n-contiguous (coalesced)
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
@@ -342,7 +374,8 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
     vec = 8 if block_n >= 256 else 4  # the epilogue's n-contiguous store layout
     _gemm_wgmma_kernel[(programs, )](x_desc, w.qweight, w.scales, offsets, y, ws, cnt, m, n, w.qweight.shape[1],
                                      y.stride(0), w.group_size, w.n_tiles, blocks_m, units, dp,
-                                     HAS_ZERO=w.offsets is not None, BLOCK_N=block_n, BLOCK_M=block_m, SUB=sub,
+                                     HAS_ZERO=w.offsets is not None, PAIR_GROUP=w.group_size % (2 * sub) == 0,
+                                     BLOCK_N=block_n, BLOCK_M=block_m, SUB=sub,
                                      STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec),
                                      num_warps=num_warps)
     return y.reshape(*x.shape[:-1], n)
