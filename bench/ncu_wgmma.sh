@@ -9,6 +9,8 @@ mkdir -p "$out"
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$ncu" ] || { echo "ncu not found" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
+out=$(cd "$out" && pwd)
+cd "$here"  # not the repository root, whose klaq/ folder would shadow the installed package
 "$ncu" --set full -k regex:gemm_wgmma -s 2 -c 1 -f -o "$out/wgmma" python - <<PY
 import sys; sys.path.insert(0, "$here")
 import torch
