@@ -21,12 +21,14 @@ from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
 from klaq.kernels import gluon_w4a16, triton_w4a16  # noqa: E402
 from klaq.kernels.triton_w4a16 import repack  # noqa: E402
 
-SRC = Path(gluon_w4a16.__file__).read_text()
-VARIANTS = {
-    "orig": SRC,
-    "direct": SRC.replace("if t_end - t_start == n_tiles:", "if True:"),
-    "nofix": SRC.replace('== q1 - q0:', '== -1:'),
+# variant name -> (text of kernels/gluon_w4a16.py, its replacement); each text occurs there once
+# (tests/bench/test_splitk_probe.py checks it)
+REPLACEMENTS = {
+    "direct": ("if t_end - t_start == n_tiles:", "if True:"),
+    "nofix": ("== q1 - q0:", "== -1:"),
 }
+SRC = Path(gluon_w4a16.__file__).read_text()
+VARIANTS = {"orig": SRC, **{name: SRC.replace(old, new) for name, (old, new) in REPLACEMENTS.items()}}
 CONFIGS = {
     "whole": dict(),
     "khalves": dict(programs="2*tiles", dp=0),
