@@ -8,15 +8,16 @@ and counter, but no program adds the others' slots.
     python bench/splitk_probe.py
 """
 
-import importlib.util
 import sys
 from functools import partial
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gluon_probe import resolve  # noqa: E402
+from wgmma_ab import load  # noqa: E402
+
 from kernels import copies_for, graph_time_us, random_qweight  # noqa: E402
 from klaq.kernels import gluon_w4a16, triton_w4a16  # noqa: E402
 from klaq.kernels.triton_w4a16 import repack  # noqa: E402
@@ -37,33 +38,12 @@ CONFIGS = {
 }
 
 
-for _name, _text in VARIANTS.items():
-    if _name != "orig" and _text == SRC:
-        raise SystemExit(f"variant {_name!r} no longer matches kernels/gluon_w4a16.py's source: update its replacement")
-
-
-def load(name, text):
-    path = Path(f"/tmp/gv_{name}.py")
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(f"gv_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def resolve(cfg, n, m, block_n=64):
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bn = cfg.get("block_n", block_n)
-    tiles = triton.cdiv(n, bn) * triton.cdiv(m, gluon_w4a16.tokens_per_tile(m, n, sms, bn))
-    return {k: eval(v, {}, dict(tiles=tiles, sms=sms)) if isinstance(v, str) else v for k, v in cfg.items()}
-
 
 def stats(mod):
     for cache in mod._gemm_wgmma_kernel.device_caches.values():
         for kern in cache[0].values():
-            c = {k: v for k, v in kern.src.constants.items()} if hasattr(kern.src, "constants") else {}
             print(f"  compiled: regs {kern.n_regs} spills {kern.n_spills} shared {kern.metadata.shared} "
-                  f"warps {kern.metadata.num_warps} {c if c else ''}", flush=True)
+                  f"warps {kern.metadata.num_warps} {getattr(kern.src, 'constants', '')}", flush=True)
 
 
 def main():
@@ -76,17 +56,18 @@ def main():
     n = 4096
     ws = [repack(random_qweight(n, k), "cuda") for _ in range(copies_for(n * k // 2))]
     for name, text in VARIANTS.items():
-        mod = load(name, text)
+        path = Path(f"/tmp/gv_{name}.py")
+        path.write_text(text)
+        mod = load(str(path))
         line = f"{name}:"
         for cname, cfg in CONFIGS.items():
-            case = resolve(cfg, n, m)
-            triton_w4a16._WORKSPACES.clear()
+            case = resolve(cfg, ws[0], m)
+            triton_w4a16._WORKSPACES.clear()  # fresh zeroed counters: "nofix" leaves them dirty
             mod._SLOTS.clear()
             t = graph_time_us([partial(mod.gemm_wgmma, x, w, **case) for w in ws])
             line += f" | {cname} {case} {t:.1f} us"
         print(line, flush=True)
         stats(mod)
-        triton_w4a16._WORKSPACES.clear()
 
 
 if __name__ == "__main__":
