@@ -37,6 +37,9 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 * ``dequant``: the whole weight to the activation dtype in a scratch buffer, then cuBLAS. M > 128.
 * ``wgmma`` (gluon_w4a16.py): on Hopper with fp16 activations it replaces ``gemm_swap`` and
   ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights.
+* ``gemv_tma`` (gluon_gemv.py): on Hopper with PDL, for symmetric weights, each program's words
+  arrive by TMA before the PDL wait, so a GEMV's weights stream in while the kernel before it runs.
+  Asked for by name, or in place of ``gemv_h2`` with ``KLAQ_TMA_GEMV=1`` (:func:`tma_gemv_default`).
 
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
@@ -56,7 +59,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -100,6 +103,8 @@ class TritonW4:
     out_features: int
     group_size: int
     block_k: int
+    # per-weight launch objects made once (gluon_gemv's TMA descriptors), not part of the weight
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_tiles(self) -> int:
@@ -825,8 +830,9 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     return dict(kernel="dequant")
 
 
-KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant", "wgmma")
+KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant", "wgmma", "gemv_tma")
 _GLUON: list = []
+_TMA: list = []
 
 
 def wgmma_ok(x: torch.Tensor, k: int) -> bool:
@@ -843,6 +849,29 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
             gluon_w4a16 = None
         _GLUON.append(gluon_w4a16)
     return _GLUON[0] is not None
+
+
+def tma_gemv_default() -> bool:
+    """Whether the dispatch sends ``gemv_h2``'s calls to the TMA GEMV: only with ``KLAQ_TMA_GEMV=1``
+    for now (read at each call). Its kernel was measured faster with PDL on an H100 (bench/
+    tma_gemv_probe.py), but this module form and its dispatch have not yet run their GPU tests."""
+    return os.environ.get("KLAQ_TMA_GEMV", "0") == "1"
+
+
+def tma_gemv_ok(x: torch.Tensor, w: TritonW4, use_pdl: bool) -> bool:
+    """Whether the Hopper TMA GEMV (gluon_gemv.py) can take this call: with PDL on (the point of it:
+    its weights stream in before the wait, while the kernel before it runs; without PDL it was 3%
+    slower than ``gemv_h2``), on what it takes (:func:`gluon_gemv.gemv_tma_ok`), and where Gluon is
+    importable (not the interpreter)."""
+    if _INTERPRET or not use_pdl or not x.is_cuda:
+        return False
+    if not _TMA:
+        try:
+            from klaq.kernels import gluon_gemv
+        except ImportError:
+            gluon_gemv = None
+        _TMA.append(gluon_gemv)
+    return _TMA[0] is not None and _TMA[0].gemv_tma_ok(x, w)
 
 
 def early_words(early: bool | None, use_pdl: bool, cfg: dict) -> bool:
@@ -889,7 +918,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     kind = cfg["kernel"]
     if kind not in KERNELS:
         raise ValueError(f"unknown kernel {kind!r}; choose from {KERNELS}")
-    if kind in ("gemv_wide", "gemv_h2") and m != 1:
+    if kind in ("gemv_wide", "gemv_h2", "gemv_tma") and m != 1:
         raise ValueError(f"{kind} takes one row of activations")
     if kind == "gemv_h2" and x.dtype != torch.float16:
         raise ValueError("gemv_h2 takes fp16 activations")
@@ -902,6 +931,22 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
             warnings.warn(f"the Hopper wgmma kernel is unavailable here ({type(exc).__name__}: {str(exc)[:200]}); "
                           "using the Triton GEMMs", RuntimeWarning, stacklevel=2)
             _GLUON[0] = None
+    if kind in ("gemv_h2", "gemv_tma") and (kernel is None or kind == "gemv_tma"):
+        tma_pdl = (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
+        if kind == "gemv_tma" and not tma_gemv_ok(x2, w, True):
+            raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights with "
+                             "groups of at least block_k / 4 codes, and Triton's Gluon")
+        if kind == "gemv_tma" or (tma_gemv_default() and tma_gemv_ok(x2, w, tma_pdl)):
+            # M = 1 on Hopper with PDL: the weights arrive by TMA before the wait (gluon_gemv.py). A Triton
+            # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
+            try:
+                return _TMA[0].gemv_tma(x2, w, pdl=tma_pdl).reshape(*lead, n)
+            except Exception as exc:  # noqa: BLE001 - any build or launch failure of the optional kernel
+                if kind == "gemv_tma":
+                    raise
+                warnings.warn(f"the Hopper TMA GEMV is unavailable here ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "using gemv_h2", RuntimeWarning, stacklevel=2)
+                _TMA[0] = None
     if kind == "wgmma":
         if not wgmma_ok(x2, k):
             raise ValueError("the wgmma kernel needs fp16 activations on an sm_90 GPU, K % 8 == 0 and Triton's Gluon")

@@ -1,0 +1,215 @@
+"""Hopper M = 1 GEMV whose weights arrive by TMA before the PDL wait (Gluon): ``gemv_tma``.
+
+Why: at batch 1 a GEMV of a Llama-sized layer is a few microseconds, and about 2 us of it is fixed
+cost: the launch, the first DRAM round trip, and the tail while the last programs finish
+(BENCHMARKS.md, "M = 1"). ``gemv_h2`` (triton_w4a16.py) holds its words in registers, so the bytes a
+program has in flight are bounded by its registers, and with programmatic dependent launch only its
+first step could be read before ``griddepcontrol.wait``. Here one thread per program issues TMA
+copies of the program's whole weight range into shared memory at its start, *before* the wait: the
+weights never depend on the previous kernel, so in a chain of GEMVs (a decode step) each call's
+weights stream in while the call before it computes, and the fixed cost overlaps.
+
+Each thread holds ``BLOCK_N / WR`` rows x one quad of 4 consecutive words of a chunk: x's pairs are
+loaded once per thread and broadcast over its rows in registers, a pair's scales for those rows are
+one contiguous load from the ``[G, N]`` layout, and the 4 words of a quad share a pair's scale, so
+gemv_h2's symmetric half2 column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
+
+Symmetric weights, fp16 x, and both slices of a pair in one group (``2 * SUB`` divides the group
+size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) uses it when asked
+by name (``kernel="gemv_tma"``), or in place of ``gemv_h2`` with ``KLAQ_TMA_GEMV=1``: the same kernel
+ran exact and faster than ``gemv_h2`` with PDL in bench/tma_gemv_probe.py on an H100 (BENCHMARKS.md),
+but this module's own GPU tests have not run yet, so it is not the default. Gluon has no interpreter
+mode, so the kernel is tested on a Hopper GPU only (tests/kernels/test_gluon_gemv.py); the rules
+that pick it and size its ring are tested everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from klaq.kernels.pdl import launch_kwargs, pdl_enabled, pdl_supported
+from klaq.kernels.triton_w4a16 import _H2_SUM, TritonW4, _colsum_ptx
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared and the CTA barrier thread_barrier;
+# later versions async_load and barrier.
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+# gemv_h2's column sum for one quad under ``pack=4``: $4-$7 the 4 words, $8-$11 their x pairs
+# (halved), $12 the pair's scales, $16 the half2 sum; the sum goes to $0, $1-$3 are set to 0.
+_C4_EVEN = gl.constexpr(_colsum_ptx(False, words=4, xs=8, scale=12, acc=16, zero_outs=(1, 2, 3)))
+_C4_ODD = gl.constexpr(_colsum_ptx(True, words=4, xs=8, scale=12, acc=16, zero_outs=(1, 2, 3)))
+_CONS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
+_SUM = gl.constexpr(_H2_SUM.value)
+MAX_SMEM = 96 * 1024  # a program's ring: at most this much, so two kernels' programs share an SM
+
+
+@gluon.jit
+def _half2(a, b):
+    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [a, b], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _issue(w_desc, w_smem, bars, row0, c, n_chunks, CW: gl.constexpr, STAGES: gl.constexpr):
+    """TMA chunk ``c`` (CW words of each of the program's rows) into its stage, in boxes of at most
+    256 words (TMA's box limit); rows past N and words past the row are zero-filled."""
+    BOX: gl.constexpr = w_desc.block_type.shape[1]
+    ok = c < n_chunks
+    st = c % STAGES
+    mbarrier.expect(bars.index(st), w_desc.block_type.nbytes * (CW // BOX), pred=ok)
+    for j in gl.static_range(CW // BOX):
+        _tma_load(w_desc, [row0, c * CW + j * BOX], bars.index(st), w_smem.index(st).slice(j * BOX, BOX, dim=1),
+                  pred=ok)
+
+
+@gluon.jit
+def _x_s(x_ptr, s_ptr, kx, ks, p: gl.constexpr, s_rows, live, zero, N, K, group_size, SUB: gl.constexpr):
+    """Pair p's x (halved, as half2, broadcast over the rows) and raw scales ``[BLOCK_N, Q]``."""
+    ka = kx + 2 * p * SUB
+    xa = gl.load(x_ptr + ka, mask=ka < K, other=0.0)
+    xb = gl.load(x_ptr + ka + SUB, mask=ka + SUB < K, other=0.0)
+    g = gl.expand_dims((ks + 2 * p * SUB) // group_size, 0)
+    s = gl.load(s_ptr + g * N + s_rows, mask=(s_rows < N) & live, other=0.0)
+    return gl.expand_dims(_half2(xa * 0.5, xb * 0.5), 0) + zero, s
+
+
+@gluon.jit
+def _colsum(words, x2, s, a2, p: gl.constexpr):
+    """Pair p's symmetric half2 column sum over each quad (the sum in slot 0 of the quad)."""
+    s2 = gl.expand_dims(_half2(s, s), 2) + gl.zeros_like(words)
+    if p < 2:
+        v = words
+    else:
+        v = words >> 8
+    if p % 2 == 0:
+        return gl.inline_asm_elementwise(_C4_EVEN, _CONS, [v, x2, s2, a2], dtype=gl.int32, is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(_C4_ODD, _CONS, [v, x2, s2, a2], dtype=gl.int32, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _gemv_tma_kernel(w_desc, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, BLOCK_N: gl.constexpr, WR: gl.constexpr,
+                     WQ: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
+                     num_warps: gl.constexpr, COMPUTE: gl.constexpr = True):
+    # COMPUTE=False (bench/tma_gemv_probe.py --floor): the same loads and waits, no arithmetic; each
+    # row's output is then the XOR of its words, the read floor of this kernel.
+    RPT: gl.constexpr = BLOCK_N // WR  # rows per thread
+    Q: gl.constexpr = 32 * WQ  # quads (4 words) per chunk and row
+    L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4], [1, 32, 1], [WR, WQ, 1], [2, 0, 1])
+    LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BLOCK_N, Q]
+    LX: gl.constexpr = gl.SliceLayout(0, L3)  # [Q, 4]
+    pid = gl.program_id(0)
+    row0 = pid * BLOCK_N
+    n_chunks = gl.cdiv(Kw, 4 * Q)
+
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4 * Q], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(STAGES):
+        mbarrier.init(bars.index(b), count=1)
+    for b in gl.static_range(STAGES):
+        _issue(w_desc, w_smem, bars, row0, b, n_chunks, 4 * Q, STAGES)
+    if PDL:  # the words never depend on an earlier kernel; x (and y's buffer) may
+        gdc_launch_dependents()
+        gdc_wait()
+
+    rows_raw = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    quad_s = gl.arange(0, Q, layout=gl.SliceLayout(0, LS))
+    quad_x = gl.arange(0, Q, layout=gl.SliceLayout(1, LX))
+    c_x = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))
+    s_rows = gl.expand_dims(rows_raw, 1)
+    zero = gl.zeros([BLOCK_N, Q, 4], gl.int32, layout=L3)
+    acc = gl.zeros([BLOCK_N, Q], gl.float32, layout=LS)
+    chk = gl.zeros([BLOCK_N, Q, 4], gl.int32, layout=L3)
+    for c in range(n_chunks):
+        st = c % STAGES
+        if COMPUTE:
+            # x and scales of this chunk before waiting for its words
+            wx = (c * Q + gl.expand_dims(quad_x, 1)) * 4 + gl.expand_dims(c_x, 0)
+            kx = (wx // SUB) * (8 * SUB) + wx % SUB
+            ks = ((c * Q + quad_s) * 4 // SUB) * (8 * SUB)
+            live = gl.expand_dims(c * Q + quad_s < Kw // 4, 0)
+            xs0, ss0 = _x_s(x_ptr, s_ptr, kx, ks, 0, s_rows, live, zero, N, K, group_size, SUB)
+            xs1, ss1 = _x_s(x_ptr, s_ptr, kx, ks, 1, s_rows, live, zero, N, K, group_size, SUB)
+            xs2, ss2 = _x_s(x_ptr, s_ptr, kx, ks, 2, s_rows, live, zero, N, K, group_size, SUB)
+            xs3, ss3 = _x_s(x_ptr, s_ptr, kx, ks, 3, s_rows, live, zero, N, K, group_size, SUB)
+        mbarrier.wait(bars.index(st), (c // STAGES) & 1)
+        words = w_smem.index(st).reshape([BLOCK_N, Q, 4]).load(L3)
+        if n_chunks > STAGES:  # refill this stage with the chunk STAGES on (all warps have read it)
+            _cta_barrier()
+            _issue(w_desc, w_smem, bars, row0, c + STAGES, n_chunks, 4 * Q, STAGES)
+        if COMPUTE:
+            a2 = _colsum(words, xs0, ss0, zero, 0)
+            a2 = _colsum(words, xs1, ss1, a2, 1)
+            a2 = _colsum(words, xs2, ss2, a2, 2)
+            a2 = _colsum(words, xs3, ss3, a2, 3)
+            acc += gl.inline_asm_elementwise(_SUM, "=f,r", [gl.sum(a2, axis=2)], dtype=gl.float32, is_pure=True,
+                                             pack=1)
+        else:
+            chk = chk ^ words
+    for b in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(b))
+    if COMPUTE:
+        out = gl.sum(acc, axis=1) * 8.0  # weights were (q - 8) / 4, x / 2
+    else:
+        out = gl.sum(gl.sum(chk, axis=2), axis=1).to(gl.float32)
+    offs = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    gl.store(y_ptr + offs, out.to(gl.float16), mask=offs < N)
+
+
+# (BLOCK_N, WR, WQ): 8 rows x one quad per thread, 4 warps, 512 words per chunk: the fastest with
+# PDL on all three large Llama-3-8B shapes of 10 configs (bench/results/tma_gemv_probe_small_h100.txt).
+DEFAULT_CONFIG = (8, 1, 4)
+
+
+def gemv_tma_ok(x: torch.Tensor, w: TritonW4) -> bool:
+    """Whether ``gemv_tma`` takes ``x`` (one fp16 row on an sm_90 GPU) against ``w``: symmetric
+    weights whose pairs of slices share a group."""
+    sub = w.block_k // 8
+    return (x.is_cuda and x.dtype == torch.float16 and w.offsets is None and w.group_size % (2 * sub) == 0
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+def _descriptor(w: TritonW4, block_n: int, box: int) -> TensorDescriptor:
+    """The weight's TMA descriptor for a ``[block_n, box]`` box, made once per weight and box."""
+    key = ("tma", block_n, box)
+    desc = w.cache.get(key)
+    if desc is None:
+        n, kw = w.qweight.shape
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        desc = w.cache[key] = TensorDescriptor(w.qweight, [n, kw], [kw, 1], [block_n, box], layout)
+    return desc
+
+
+def stages_for(kw: int, block_n: int, wq: int, stages: int | None = None) -> int:
+    """Chunks in flight: all of the program's chunks, or as many as :data:`MAX_SMEM` holds."""
+    chunk_bytes = block_n * 128 * wq * 4
+    chunks = triton.cdiv(kw, 128 * wq)
+    return max(1, min(chunks, stages or chunks, MAX_SMEM // chunk_bytes))
+
+
+def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int | None = None,
+             wq: int | None = None, stages: int | None = None, pdl: bool | None = None,
+             maxnreg: int | None = None) -> torch.Tensor:
+    """``x @ W.T`` for one fp16 row ``x [1, K]`` (see :func:`gemv_tma_ok`); ``block_n`` rows per
+    program in ``wr`` x ``wq`` warps (``wq`` quads of 32 per chunk row), ``stages`` chunks in flight."""
+    cfg = DEFAULT_CONFIG
+    block_n, wr, wq = block_n or cfg[0], wr or cfg[1], wq or cfg[2]
+    if block_n % wr or (block_n // wr) & (block_n // wr - 1):
+        raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
+    n, kw = w.qweight.shape
+    x2 = x.reshape(1, w.in_features).contiguous()
+    st = stages_for(kw, block_n, wq, stages)
+    use_pdl = (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
+    y = torch.empty((1, n), device=x.device, dtype=torch.float16)
+    desc = _descriptor(w, block_n, min(128 * wq, 256))
+    _gemv_tma_kernel[(triton.cdiv(n, block_n),)](desc, x2, w.scales, y, n, w.in_features, kw, w.group_size,
+                                                 BLOCK_N=block_n, WR=wr, WQ=wq, SUB=w.block_k // 8, STAGES=st,
+                                                 PDL=use_pdl, num_warps=wr * wq, **launch_kwargs(use_pdl),
+                                                 **({"maxnreg": maxnreg} if maxnreg else {}))
+    return y.reshape(*x.shape[:-1], n)

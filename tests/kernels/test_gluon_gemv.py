@@ -1,0 +1,132 @@
+"""The Hopper TMA GEMV (kernels/gluon_gemv.py) against the numpy reference.
+
+Gluon has no interpreter mode: the kernel cases run on an sm_90 GPU only and skip elsewhere; the
+rules that pick it and size its ring run everywhere.
+"""
+
+import pytest
+from w4_helpers import HAS_CUDA, random_qweight, rel_err
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+from klaq.kernels.numpy_ref import reference_matmul  # noqa: E402
+from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
+
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 (Hopper) GPU")
+gluon_gemv = pytest.importorskip("klaq.kernels.gluon_gemv")
+
+
+def check(n, k, group_size, seed=0, x_scale=1.0, **config):
+    qw = random_qweight(n, k, group_size, False, seed=seed)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).half() * x_scale
+    w = repack(qw, "cuda")
+    y = gluon_gemv.gemv_tma(x.cuda(), w, **config)
+    assert y.shape == (1, n) and y.dtype == torch.float16
+    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
+    assert err < 2e-3, err
+    return w, x.cuda(), y
+
+
+@hopper
+@pytest.mark.parametrize("n,k,group_size", [(300, 576, 128), (576, 1536, 128), (576, 1536, 256),
+                                            (1000, 4096 + 64, 128), (4096, 4096, 128), (100, 14336, 128)])
+@pytest.mark.parametrize("config", [dict(block_n=8, wr=1, wq=4), dict(block_n=8, wr=1, wq=1),
+                                    dict(block_n=16, wr=2, wq=2), dict(block_n=4, wr=1, wq=2)])
+def test_gemv_tma_shapes(n, k, group_size, config):
+    """Ragged K (576, 4096 + 64: chunks past the row are zero-filled by TMA), N off the row blocks,
+    long K with a ring shorter than the row, groups 128 and 256."""
+    check(n, k, group_size, seed=n + k, **config)
+
+
+@hopper
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_gemv_tma_ring_shorter_than_the_row(stages):
+    """Chunks refill their stage once every warp has read it: 1 to 3 stages over 9 chunks."""
+    w, x, y = check(700, 4096 + 512, 128, wq=1, stages=stages)
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, wq=1))
+
+
+@hopper
+def test_gemv_tma_large_activations_stay_finite():
+    """x of magnitude 4000: the half2 sums hold (q - 8) / 4 times x / 2, far from fp16's limit."""
+    check(512, 4096, 128, x_scale=4000.0)
+
+
+@hopper
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_tma_with_and_without_pdl_is_the_same_sum(pdl):
+    w, x, y = check(1024, 2048, 128, pdl=pdl)
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, pdl=not pdl))
+
+
+def test_gemv_tma_takes_only_what_it_can():
+    """Symmetric weights with both slices of a pair in one group, fp16, on Hopper; zero points,
+    group 64 (pairs straddle groups), bf16 and CPU tensors go elsewhere."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    x = torch.zeros(1, 1024, dtype=torch.float16, device=device)
+    sym = repack(random_qweight(64, 1024, 128, False), device)
+    assert gluon_gemv.gemv_tma_ok(x, sym) == HOPPER
+    assert not gluon_gemv.gemv_tma_ok(x, repack(random_qweight(64, 1024, 128, True), device))
+    assert not gluon_gemv.gemv_tma_ok(x, repack(random_qweight(64, 1024, 64, False), device))
+    assert not gluon_gemv.gemv_tma_ok(x.bfloat16(), sym)
+    assert not gluon_gemv.gemv_tma_ok(x.cpu(), repack(random_qweight(64, 1024, 128, False), "cpu"))
+
+
+def test_ring_holds_the_row_or_what_fits():
+    """All of a program's chunks in flight, or as many as 96 KB hold; an asked count is a cap."""
+    assert gluon_gemv.stages_for(512, 8, 4) == 1  # K = 4096 in one 16 KB chunk
+    assert gluon_gemv.stages_for(512, 8, 1) == 4  # four 4 KB chunks
+    assert gluon_gemv.stages_for(1792, 8, 1) == 14  # K = 14336: 56 KB
+    assert gluon_gemv.stages_for(1792, 32, 1) == 6  # 16 KB chunks: 96 KB
+    assert gluon_gemv.stages_for(1792, 8, 1, stages=3) == 3
+    assert gluon_gemv.stages_for(64, 8, 4) == 1
+
+
+def test_rows_per_thread_must_be_a_power_of_two():
+    w = repack(random_qweight(64, 512, 128, False), "cpu")
+    with pytest.raises(ValueError, match="power of two"):
+        gluon_gemv.gemv_tma(torch.zeros(1, 512, dtype=torch.float16), w, block_n=12, wr=1)
+
+
+@hopper
+@pytest.mark.parametrize("pdl,asym,expected", [(True, False, 1), (False, False, 0), (True, True, 0)])
+def test_dispatch_takes_tma_with_pdl(pdl, asym, expected, monkeypatch):
+    """M = 1, fp16, a layer past gemv_wide's size on Hopper, ``KLAQ_TMA_GEMV=1``: the TMA GEMV when
+    PDL is on and the weights are symmetric, gemv_h2 otherwise; both match the reference."""
+    monkeypatch.setenv("KLAQ_TMA_GEMV", "1")
+    calls = []
+    real = gluon_gemv.gemv_tma
+    monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append(kw) or real(x, w, **kw))
+    qw = random_qweight(2048, 2048, 128, asym)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1)).half()
+    y = w4a16_matmul(x.cuda(), repack(qw, "cuda"), pdl=pdl)
+    assert len(calls) == expected
+    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
+
+
+def test_forcing_tma_off_hopper_is_a_clear_error():
+    if HOPPER:
+        pytest.skip("the kernel runs here")
+    w = repack(random_qweight(64, 1024, 128, False), "cuda" if HAS_CUDA else "cpu")
+    with pytest.raises(ValueError, match="sm_90"):
+        w4a16_matmul(torch.zeros(1, 1024, dtype=torch.float16, device=w.qweight.device), w, kernel="gemv_tma")
+
+
+@hopper
+def test_dispatch_keeps_gemv_h2_by_default(monkeypatch):
+    monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
+    calls = []
+    monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append(kw))
+    qw = random_qweight(2048, 2048, 128, False)
+    w4a16_matmul(torch.zeros(1, 2048, dtype=torch.float16, device="cuda"), repack(qw, "cuda"), pdl=True)
+    assert calls == []
+
+
+def test_the_tma_gemv_is_opt_in(monkeypatch):
+    from klaq.kernels.triton_w4a16 import tma_gemv_default
+
+    monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
+    assert not tma_gemv_default()
+    monkeypatch.setenv("KLAQ_TMA_GEMV", "1")
+    assert tma_gemv_default()
