@@ -15,12 +15,13 @@ one contiguous load from the ``[G, N]`` layout, and the 4 words of a quad share 
 gemv_h2's symmetric half2 column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
 
 Symmetric weights, fp16 x, and both slices of a pair in one group (``2 * SUB`` divides the group
-size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) uses it when asked
-by name (``kernel="gemv_tma"``), or in place of ``gemv_h2`` with ``KLAQ_TMA_GEMV=1``: the same kernel
-ran exact and faster than ``gemv_h2`` with PDL in bench/tma_gemv_probe.py on an H100 (BENCHMARKS.md),
-but this module's own GPU tests have not run yet, so it is not the default. Gluon has no interpreter
-mode, so the kernel is tested on a Hopper GPU only (tests/kernels/test_gluon_gemv.py); the rules
-that pick it and size its ring are tested everywhere.
+size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) takes it in place of
+``gemv_h2`` where PDL is on and K < 8192 (:func:`triton_w4a16.tma_gemv_default`; ``KLAQ_TMA_GEMV=0``
+turns it off), or when asked by name (``kernel="gemv_tma"``). H100, a dependent chain as in a decode
+step (bench/kernels.py): 3.50x / 2.90x / 2.97x cuBLAS on 4096x4096 / 6144x4096 / 14336x4096 against
+gemv_h2's 2.39x / 2.56x / 2.95x; at 4096x14336 it was slower (2.16x against 2.65x), hence the K rule.
+Gluon has no interpreter mode, so the kernel is tested on a Hopper GPU only
+(tests/kernels/test_gluon_gemv.py); the rules that pick it and size its ring are tested everywhere.
 """
 
 from __future__ import annotations

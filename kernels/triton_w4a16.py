@@ -39,7 +39,7 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights.
 * ``gemv_tma`` (gluon_gemv.py): on Hopper with PDL, for symmetric weights, each program's words
   arrive by TMA before the PDL wait, so a GEMV's weights stream in while the kernel before it runs.
-  Asked for by name, or in place of ``gemv_h2`` with ``KLAQ_TMA_GEMV=1`` (:func:`tma_gemv_default`).
+  In place of ``gemv_h2`` for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`).
 
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
@@ -797,6 +797,8 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       long K, split-K, 1-2% slower, so not there). Not kept: the next step's words loaded early in
       registers (7-60% slower), a TMA prefetch of the program's words into L2 (5-35% slower), x
       loaded in the words' layout (10-60% slower). bf16 activations take the ``gemv``.
+    * M = 1 on Hopper with PDL, K < 8192, symmetric weights (fp16): ``gemv_tma`` replaces ``gemv_h2``
+      in :func:`w4a16_matmul` (gluon_gemv.py; :func:`tma_gemv_default`).
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
       64 rows x 4 K-splits per program; for N >= 8192 (2048 <= K < 8192, the range around the one
@@ -851,11 +853,12 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
     return _GLUON[0] is not None
 
 
-def tma_gemv_default() -> bool:
-    """Whether the dispatch sends ``gemv_h2``'s calls to the TMA GEMV: only with ``KLAQ_TMA_GEMV=1``
-    for now (read at each call). Its kernel was measured faster with PDL on an H100 (bench/
-    tma_gemv_probe.py), but this module form and its dispatch have not yet run their GPU tests."""
-    return os.environ.get("KLAQ_TMA_GEMV", "0") == "1"
+def tma_gemv_default(k: int) -> bool:
+    """Whether the dispatch sends ``gemv_h2``'s calls to the TMA GEMV: for K below 8192, unless
+    ``KLAQ_TMA_GEMV=0`` (read at each call). H100, a dependent chain with PDL as in a decode step
+    (bench/kernels.py): 4096x4096 4.9 us against gemv_h2's 7.0, 6144x4096 7.9 against 8.9,
+    14336x4096 14.6 against 14.8, but 4096x14336 21.2 against 17.4 (bench/results/kernels_h100_tma.md)."""
+    return os.environ.get("KLAQ_TMA_GEMV", "1") != "0" and k < 8192
 
 
 def tma_gemv_ok(x: torch.Tensor, w: TritonW4, use_pdl: bool) -> bool:
@@ -936,7 +939,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         if kind == "gemv_tma" and not tma_gemv_ok(x2, w, True):
             raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights with "
                              "groups of at least block_k / 4 codes, and Triton's Gluon")
-        if kind == "gemv_tma" or (tma_gemv_default() and tma_gemv_ok(x2, w, tma_pdl)):
+        if kind == "gemv_tma" or (tma_gemv_default(k) and tma_gemv_ok(x2, w, tma_pdl)):
             # M = 1 on Hopper with PDL: the weights arrive by TMA before the wait (gluon_gemv.py). A Triton
             # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
             try:

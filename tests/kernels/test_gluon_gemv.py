@@ -92,9 +92,9 @@ def test_rows_per_thread_must_be_a_power_of_two():
 @hopper
 @pytest.mark.parametrize("pdl,asym,expected", [(True, False, 1), (False, False, 0), (True, True, 0)])
 def test_dispatch_takes_tma_with_pdl(pdl, asym, expected, monkeypatch):
-    """M = 1, fp16, a layer past gemv_wide's size on Hopper, ``KLAQ_TMA_GEMV=1``: the TMA GEMV when
-    PDL is on and the weights are symmetric, gemv_h2 otherwise; both match the reference."""
-    monkeypatch.setenv("KLAQ_TMA_GEMV", "1")
+    """M = 1, fp16, a layer past gemv_wide's size on Hopper (by default): the TMA GEMV when PDL is
+    on and the weights are symmetric, gemv_h2 otherwise; both match the reference."""
+    monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
     calls = []
     real = gluon_gemv.gemv_tma
     monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append(kw) or real(x, w, **kw))
@@ -114,19 +114,24 @@ def test_forcing_tma_off_hopper_is_a_clear_error():
 
 
 @hopper
-def test_dispatch_keeps_gemv_h2_by_default(monkeypatch):
-    monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
+@pytest.mark.parametrize("n,k,env", [(512, 8192, None), (2048, 2048, "0")])
+def test_dispatch_keeps_gemv_h2_for_long_k_or_when_off(n, k, env, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("KLAQ_TMA_GEMV", env)
     calls = []
     monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append(kw))
-    qw = random_qweight(2048, 2048, 128, False)
-    w4a16_matmul(torch.zeros(1, 2048, dtype=torch.float16, device="cuda"), repack(qw, "cuda"), pdl=True)
+    qw = random_qweight(n, k, 128, False)
+    w4a16_matmul(torch.zeros(1, k, dtype=torch.float16, device="cuda"), repack(qw, "cuda"), pdl=True)
     assert calls == []
 
 
-def test_the_tma_gemv_is_opt_in(monkeypatch):
+def test_tma_default_rule(monkeypatch):
+    """On below K = 8192 (long K was slower than gemv_h2), off with KLAQ_TMA_GEMV=0."""
     from klaq.kernels.triton_w4a16 import tma_gemv_default
 
     monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
-    assert not tma_gemv_default()
-    monkeypatch.setenv("KLAQ_TMA_GEMV", "1")
-    assert tma_gemv_default()
+    assert tma_gemv_default(4096) and tma_gemv_default(576) and not tma_gemv_default(8192)
+    monkeypatch.setenv("KLAQ_TMA_GEMV", "0")
+    assert not tma_gemv_default(4096)
