@@ -937,8 +937,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if kind in ("gemv_h2", "gemv_tma") and (kernel is None or kind == "gemv_tma"):
         tma_pdl = (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
         if kind == "gemv_tma" and not tma_gemv_ok(x2, w, True):
-            raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights with "
-                             "groups of at least block_k / 4 codes, and Triton's Gluon")
+            raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights whose "
+                             "group size is a multiple of block_k / 4, and Triton's Gluon")
         if kind == "gemv_tma" or (tma_gemv_default(k) and tma_gemv_ok(x2, w, tma_pdl)):
             # M = 1 on Hopper with PDL: the weights arrive by TMA before the wait (gluon_gemv.py). A Triton
             # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
