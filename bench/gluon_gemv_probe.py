@@ -31,26 +31,7 @@ from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import gemv_baseline, graph_time_us  # noqa: E402
-from klaq.kernels.triton_w4a16 import _H2_SUM, _colsum_ptx  # noqa: E402
-
-
-def _colsum4(odd: bool) -> str:
-    """gemv_h2's column sum (``_colsum_ptx``) for one quad under ``pack=4``: $4-$7 the 4 words,
-    $8-$11 their x pairs (halved), $12 the pair's scales, $16 the half2 sum; the sum goes to $0, and
-    $1-$3 (the quad's other 3 slots) are set to 0."""
-    return _colsum_ptx(odd, words=4, xs=8, scale=12, acc=16, zero_outs=(1, 2, 3))
-
-
-_C4_EVEN = gl.constexpr(_colsum4(False))
-_C4_ODD = gl.constexpr(_colsum4(True))
-_SUM = gl.constexpr(_H2_SUM.value)
-_CONS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
-
-
-@gluon.jit
-def _half2(a, b):
-    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [a, b], dtype=gl.int32, is_pure=True,
-                                     pack=1)
+from klaq.kernels.gluon_gemv import _C4_EVEN, _C4_ODD, _CONS, _SUM, _half2  # noqa: E402  (the quad column sum)
 
 
 @gluon.jit

@@ -38,7 +38,6 @@ CONFIGS = {
 }
 
 
-
 def stats(mod):
     for cache in mod._gemm_wgmma_kernel.device_caches.values():
         for kern in cache[0].values():

@@ -34,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from klaq.kernels.pdl import launch_kwargs, pdl_enabled, pdl_supported
+from klaq.kernels.gluon_w4a16 import _half2
+from klaq.kernels.pdl import launch_kwargs, pdl_for
 from klaq.kernels.triton_w4a16 import _H2_SUM, TritonW4, _colsum_ptx
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared and the CTA barrier thread_barrier;
@@ -49,12 +50,6 @@ _C4_ODD = gl.constexpr(_colsum_ptx(True, words=4, xs=8, scale=12, acc=16, zero_o
 _CONS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
 _SUM = gl.constexpr(_H2_SUM.value)
 MAX_SMEM = 96 * 1024  # a program's ring: at most this much, so two kernels' programs share an SM
-
-
-@gluon.jit
-def _half2(a, b):
-    return gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [a, b], dtype=gl.int32, is_pure=True,
-                                     pack=1)
 
 
 @gluon.jit
@@ -206,7 +201,7 @@ def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int |
     n, kw = w.qweight.shape
     x2 = x.reshape(1, w.in_features).contiguous()
     st = stages_for(kw, block_n, wq, stages)
-    use_pdl = (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
+    use_pdl = pdl_for(x.device, pdl)
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
     desc = _descriptor(w, block_n, min(128 * wq, 256))
     _gemv_tma_kernel[(triton.cdiv(n, block_n),)](desc, x2, w.scales, y, n, w.in_features, kw, w.group_size,

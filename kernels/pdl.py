@@ -61,6 +61,12 @@ def pdl_enabled(device=None) -> bool:
     return os.environ.get("KLAQ_PDL", "1") != "0" and pdl_supported(device)
 
 
+def pdl_for(device, asked: bool | None = None) -> bool:
+    """Whether a launch on ``device`` uses PDL: as ``asked``, else :func:`pdl_enabled`; never where
+    it is not supported."""
+    return (asked if asked is not None else pdl_enabled(device)) and pdl_supported(device)
+
+
 def pdl_supported(device=None) -> bool:
     """A CUDA GPU of compute capability 9.0 or later (``griddepcontrol`` is sm_90 PTX), not the
     interpreter."""

@@ -57,6 +57,7 @@ Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ import triton.language as tl
 
 from klaq.formats.qweight import QuantizedWeight
 
-from .pdl import launch_kwargs, pdl_enabled, pdl_enter_rows, pdl_supported, pdl_trigger
+from .pdl import launch_kwargs, pdl_enter_rows, pdl_for, pdl_trigger
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
@@ -833,8 +834,31 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
 
 
 KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant", "wgmma", "gemv_tma")
-_GLUON: list = []
+_GLUON: list = []  # the optional Gluon modules, imported once: [module] or [None] (see _optional)
 _TMA: list = []
+
+
+def _optional(slot: list, name: str):
+    """``klaq.kernels.<name>``, imported on first use into ``slot`` (None where this Triton has no
+    Gluon); :func:`_try_optional` empties it for good when the kernel fails to build."""
+    if not slot:
+        try:
+            slot.append(importlib.import_module(f"klaq.kernels.{name}"))
+        except ImportError:
+            slot.append(None)
+    return slot[0]
+
+
+def _try_optional(slot: list, what: str, fallback: str, call):
+    """``call()`` (an optional Gluon kernel), or None after a warning, once, where it fails to build
+    or launch (another Triton's Gluon API); ``slot`` then holds None, so it is never tried again."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - any build or launch failure of the optional kernel
+        warnings.warn(f"the {what} is unavailable here ({type(exc).__name__}: {str(exc)[:200]}); using {fallback}",
+                      RuntimeWarning, stacklevel=3)
+        slot[0] = None
+        return None
 
 
 def wgmma_ok(x: torch.Tensor, k: int) -> bool:
@@ -844,13 +868,7 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
         return False
     if torch.cuda.get_device_capability(x.device)[0] != 9:
         return False
-    if not _GLUON:
-        try:
-            from klaq.kernels import gluon_w4a16
-        except ImportError:
-            gluon_w4a16 = None
-        _GLUON.append(gluon_w4a16)
-    return _GLUON[0] is not None
+    return _optional(_GLUON, "gluon_w4a16") is not None
 
 
 def tma_gemv_default(k: int) -> bool:
@@ -868,13 +886,8 @@ def tma_gemv_ok(x: torch.Tensor, w: TritonW4, use_pdl: bool) -> bool:
     importable (not the interpreter)."""
     if _INTERPRET or not use_pdl or not x.is_cuda:
         return False
-    if not _TMA:
-        try:
-            from klaq.kernels import gluon_gemv
-        except ImportError:
-            gluon_gemv = None
-        _TMA.append(gluon_gemv)
-    return _TMA[0] is not None and _TMA[0].gemv_tma_ok(x, w)
+    module = _optional(_TMA, "gluon_gemv")
+    return module is not None and module.gemv_tma_ok(x, w)
 
 
 def early_words(early: bool | None, use_pdl: bool, cfg: dict) -> bool:
@@ -928,28 +941,22 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if kind in ("gemm_swap", "dequant") and kernel is None and wgmma_ok(x2, k):
         # M > 16 on Hopper: 1.1-1.4x at M = 64, 0.8-0.94x at M = 256 (bench/kernels.py). A Triton whose
         # Gluon cannot build it (another version's API) falls back to the Triton GEMMs, once, with a warning.
-        try:
-            return _GLUON[0].gemm_wgmma(x2, w).reshape(*lead, n)
-        except Exception as exc:  # noqa: BLE001 - any build or launch failure of the optional kernel
-            warnings.warn(f"the Hopper wgmma kernel is unavailable here ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "using the Triton GEMMs", RuntimeWarning, stacklevel=2)
-            _GLUON[0] = None
-    if kind in ("gemv_h2", "gemv_tma") and (kernel is None or kind == "gemv_tma"):
-        tma_pdl = (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
-        if kind == "gemv_tma" and not tma_gemv_ok(x2, w, True):
+        y = _try_optional(_GLUON, "Hopper wgmma kernel", "the Triton GEMMs", lambda: _GLUON[0].gemm_wgmma(x2, w))
+        if y is not None:
+            return y.reshape(*lead, n)
+    gemv = kind.startswith("gemv")
+    use_pdl = gemv and pdl_for(x.device, pdl)
+    if kind == "gemv_tma":
+        if not tma_gemv_ok(x2, w, True):
             raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights whose "
                              "group size is a multiple of block_k / 4, and Triton's Gluon")
-        if kind == "gemv_tma" or (tma_gemv_default(k) and tma_gemv_ok(x2, w, tma_pdl)):
-            # M = 1 on Hopper with PDL: the weights arrive by TMA before the wait (gluon_gemv.py). A Triton
-            # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
-            try:
-                return _TMA[0].gemv_tma(x2, w, pdl=tma_pdl).reshape(*lead, n)
-            except Exception as exc:  # noqa: BLE001 - any build or launch failure of the optional kernel
-                if kind == "gemv_tma":
-                    raise
-                warnings.warn(f"the Hopper TMA GEMV is unavailable here ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "using gemv_h2", RuntimeWarning, stacklevel=2)
-                _TMA[0] = None
+        return _TMA[0].gemv_tma(x2, w, pdl=use_pdl).reshape(*lead, n)
+    if kind == "gemv_h2" and kernel is None and tma_gemv_default(k) and tma_gemv_ok(x2, w, use_pdl):
+        # M = 1 on Hopper with PDL: the weights arrive by TMA before the wait (gluon_gemv.py). A Triton
+        # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
+        y = _try_optional(_TMA, "Hopper TMA GEMV", "gemv_h2", lambda: _TMA[0].gemv_tma(x2, w, pdl=use_pdl))
+        if y is not None:
+            return y.reshape(*lead, n)
     if kind == "wgmma":
         if not wgmma_ok(x2, k):
             raise ValueError("the wgmma kernel needs fp16 activations on an sm_90 GPU, K % 8 == 0 and Triton's Gluon")
@@ -963,8 +970,6 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     tps = -(-tps // step) * step  # whole steps per split
     split = -(-w.n_tiles // tps)  # no empty programs
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    gemv = kind.startswith("gemv")
-    use_pdl = gemv and (pdl if pdl is not None else pdl_enabled(x.device)) and pdl_supported(x.device)
     pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and bool(prefetch), PDL_LATE=use_pdl and bool(pdl_late),
                     **launch_kwargs(use_pdl))
     use_early = early_words(early, use_pdl, cfg)

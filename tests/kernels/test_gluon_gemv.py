@@ -5,7 +5,7 @@ rules that pick it and size its ring run everywhere.
 """
 
 import pytest
-from w4_helpers import HAS_CUDA, random_qweight, rel_err
+from w4_helpers import HAS_CUDA, falls_back_once, random_qweight, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -142,25 +142,9 @@ def test_a_tma_gemv_that_cannot_build_falls_back_once(monkeypatch):
     takes gemv_h2 and never tries the kernel again in this process."""
     from klaq.kernels import triton_w4a16
 
-    class Broken:
-        calls = 0
-
-        @classmethod
-        def gemv_tma(cls, x, w, **kw):
-            cls.calls += 1
-            raise RuntimeError("no such Gluon op")
-
-    monkeypatch.setattr(triton_w4a16, "_TMA", [Broken])
-    monkeypatch.setattr(triton_w4a16, "tma_gemv_ok", lambda x, w, pdl: triton_w4a16._TMA[0] is not None)
     monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
     h2 = dict(kernel="gemv_h2", block_n=8, tiles=2, split=1, num_warps=4, num_stages=1)  # as for large layers
     monkeypatch.setattr(triton_w4a16, "default_config", lambda m, n, k, dtype=None: dict(h2))
-    device = "cuda" if HAS_CUDA else "cpu"
-    qw = random_qweight(64, 1024, 128, False)
-    w = repack(qw, device)
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(2)).half()
-    with pytest.warns(RuntimeWarning, match="TMA GEMV is unavailable"):
-        y = w4a16_matmul(x.to(device), w)
-    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
-    w4a16_matmul(x.to(device), w)
-    assert Broken.calls == 1 and triton_w4a16._TMA == [None]
+    falls_back_once(monkeypatch, "_TMA", "gemv_tma", "tma_gemv_ok", random_qweight(64, 1024, 128, False), x,
+                    "TMA GEMV is unavailable")

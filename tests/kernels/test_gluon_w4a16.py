@@ -5,7 +5,7 @@ dispatch rule that keeps every other machine off this path runs everywhere.
 """
 
 import pytest
-from w4_helpers import HAS_CUDA, random_qweight, rel_err
+from w4_helpers import HAS_CUDA, falls_back_once, random_qweight, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -159,24 +159,6 @@ def test_too_few_stages_is_refused_before_launch(stages):
 def test_a_gluon_that_cannot_build_falls_back_once(monkeypatch):
     """Where the Hopper kernel fails to build or launch (another Triton's Gluon API), the call
     warns, takes the Triton GEMM and never tries the kernel again in this process."""
-    from klaq.kernels import triton_w4a16
-
-    class Broken:
-        calls = 0
-
-        @classmethod
-        def gemm_wgmma(cls, x, w):
-            cls.calls += 1
-            raise RuntimeError("no such Gluon op")
-
-    monkeypatch.setattr(triton_w4a16, "_GLUON", [Broken])
-    monkeypatch.setattr(triton_w4a16, "wgmma_ok", lambda x, k: triton_w4a16._GLUON[0] is not None)
-    device = "cuda" if HAS_CUDA else "cpu"
-    qw = random_qweight(40, 576, 64, False)
-    w = repack(qw, device)
     x = torch.randn(24, 576, generator=torch.Generator().manual_seed(1)).half()
-    with pytest.warns(RuntimeWarning, match="wgmma kernel is unavailable"):
-        y = w4a16_matmul(x.to(device), w)
-    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
-    w4a16_matmul(x.to(device), w)
-    assert Broken.calls == 1 and triton_w4a16._GLUON == [None]
+    falls_back_once(monkeypatch, "_GLUON", "gemm_wgmma", "wgmma_ok", random_qweight(40, 576, 64, False), x,
+                    "wgmma kernel is unavailable")

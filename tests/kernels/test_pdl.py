@@ -39,6 +39,16 @@ def test_on_by_default_where_supported_and_never_without_a_hopper_gpu(monkeypatc
     assert not pdl.pdl_enabled("cuda") and not pdl.pdl_supported("cuda")
 
 
+def test_a_launch_uses_pdl_as_asked_else_by_default_and_only_where_supported(monkeypatch):
+    monkeypatch.setattr(pdl, "pdl_supported", lambda device=None: True)
+    monkeypatch.setenv("KLAQ_PDL", "0")
+    assert pdl.pdl_for("cuda", True) and not pdl.pdl_for("cuda", None) and not pdl.pdl_for("cuda", False)
+    monkeypatch.setenv("KLAQ_PDL", "1")
+    assert pdl.pdl_for("cuda", None) and not pdl.pdl_for("cuda", False)
+    monkeypatch.setattr(pdl, "pdl_supported", lambda device=None: False)
+    assert not pdl.pdl_for("cuda", True) and not pdl.pdl_for("cuda", None)
+
+
 def test_early_words_by_default_only_with_pdl_and_only_for_gemv_wide():
     from klaq.kernels.triton_w4a16 import default_config, early_words
 

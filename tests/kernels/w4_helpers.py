@@ -1,5 +1,7 @@
 """Shared helpers for the kernel tests (a plain module: conftest names clash across folders)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -22,3 +24,31 @@ def rel_err(y, ref) -> float:
     y = np.asarray(y, dtype=np.float64)
     assert np.isfinite(y).all()
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def falls_back_once(monkeypatch, slot: str, kernel: str, ok: str, qw: QuantizedWeight, x: torch.Tensor,
+                    match: str) -> None:
+    """An optional Gluon kernel that fails to build or launch (another Triton's Gluon API):
+    ``triton_w4a16.<slot>`` holds a module whose ``kernel`` raises, and ``triton_w4a16.<ok>`` admits
+    it while the slot holds it. The call must warn (``match``), give the fallback's exact-enough
+    result, and a second call must not try the kernel again."""
+    import pytest
+
+    from klaq.kernels import triton_w4a16
+    from klaq.kernels.numpy_ref import reference_matmul
+
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(kernel)
+        raise RuntimeError("no such Gluon op")
+
+    monkeypatch.setattr(triton_w4a16, slot, [SimpleNamespace(**{kernel: fail})])
+    monkeypatch.setattr(triton_w4a16, ok, lambda *args: getattr(triton_w4a16, slot)[0] is not None)
+    device = "cuda" if HAS_CUDA else "cpu"
+    w = triton_w4a16.repack(qw, device)
+    with pytest.warns(RuntimeWarning, match=match):
+        y = triton_w4a16.w4a16_matmul(x.to(device), w)
+    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
+    triton_w4a16.w4a16_matmul(x.to(device), w)
+    assert len(calls) == 1 and getattr(triton_w4a16, slot) == [None]
