@@ -26,7 +26,13 @@ us at 4096x4096 against 4.6-4.7): TMA does not lift the floor. Only ``--pdl`` (t
 issued before ``griddepcontrol.wait``, so back-to-back calls overlap) goes below it: 4.97 us
 (3.40x cuBLAS) at 4096x4096 with 8:1:4, 2.82x and 2.95x on the other two large shapes. A second
 run over smaller programs (bench/results/tma_gemv_probe_small_h100.txt): 8:1:4 still the best with
-PDL, 3.18x / 2.85x / 3.14x.
+PDL, 3.18x / 2.85x / 3.14x. Third (bench/results/kernels_h100_rb.md): several row blocks per program
+(RB) and the first tile's scales loaded before the PDL wait (the default since; LATE 1 undoes it):
+early scales 4.67 / 8.03 / 14.37 us with PDL against 5.17 / 7.79 / 14.66 late, and without PDL
+6.18 / 8.26 / 15.02 against 6.77 / 9.00 / 15.94 (gemv_h2 6.66 / 8.36 / 15.14); 4-row x 2 programs
+the best at 6144x4096 only (7.34 us, 3.09x), hence gluon_gemv.config_for.
+
+The probe calls ``gemv_tma`` itself, with the launch given in full (never config_for's choice).
 """
 from __future__ import annotations
 
@@ -40,41 +46,18 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import gemv_baseline, graph_time_us  # noqa: E402
-from klaq.kernels.gluon_gemv import _descriptor, _gemv_tma_kernel  # noqa: E402  (the kernel, with its read-floor mode)
+from klaq.kernels.gluon_gemv import gemv_tma, stages_for  # noqa: E402
 
-
-class TmaGemv:
-    """A weight's TMA descriptor for one launch config (built once, like a repack)."""
-
-    def __init__(self, w, block_n: int, wr: int, wq: int, stages: int | None = None, compute: bool = True,
-                 pdl: bool = False, maxnreg: int | None = None):
-        assert w.offsets is None and w.group_size % (2 * (w.block_k // 8)) == 0
-        self.w, self.block_n, self.wr, self.wq, self.compute, self.pdl = w, block_n, wr, wq, compute, pdl
-        self.regs = {"maxnreg": maxnreg} if maxnreg else {}
-        n, kw = w.qweight.shape
-        q = 32 * wq
-        chunks = triton.cdiv(kw, 4 * q)
-        self.stages = stages or chunks
-        self.desc = _descriptor(w, block_n, min(4 * q, 256))
-        self.smem = self.stages * block_n * q * 16
-
-    def __call__(self, x):
-        w = self.w
-        n = w.out_features
-        y = torch.empty((1, n), device=x.device, dtype=torch.float16)
-        _gemv_tma_kernel[(triton.cdiv(n, self.block_n),)](
-            self.desc, x, w.scales, y, n, w.in_features, w.qweight.shape[1], w.group_size, BLOCK_N=self.block_n,
-            WR=self.wr, WQ=self.wq, SUB=w.block_k // 8, STAGES=self.stages, COMPUTE=self.compute,
-            PDL=self.pdl, num_warps=self.wr * self.wq, launch_pdl=self.pdl, **self.regs)
-        return y
+PROBE_SMEM = 200 * 1024  # the probe lets a program's ring take more than the dispatch's MAX_SMEM
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,6144x4096,14336x4096,4096x14336")
     ap.add_argument("--configs", default="32:4:1,16:2:2,16:4:1,8:1:4,8:2:2,8:1:2,16:1:4,32:4:2,16:2:4",
-                    help="BLOCK_N:WR:WQ[:STAGES[:MAXNREG]] list (warps = WR * WQ; a chunk is 128 * WQ words per "
-                    "row; STAGES 0: all chunks; MAXNREG: a register cap per thread, 0 for none)")
+                    help="BLOCK_N:WR:WQ[:STAGES[:MAXNREG[:RB[:LATE]]]] list (warps = WR * WQ; a chunk is 128 * WQ "
+                    "words per row; STAGES 0: all tiles; MAXNREG: a register cap per thread, 0 for none; RB: row "
+                    "blocks per program, 1 if left out; LATE 1: the first tile's scales after the PDL wait)")
     ap.add_argument("--floor", action="store_true", help="also time each config without arithmetic")
     ap.add_argument("--pdl", action="store_true", help="also time each config with programmatic dependent launch "
                     "(words loaded before griddepcontrol.wait, so back-to-back calls overlap)")
@@ -84,28 +67,25 @@ def main():
         n, k = map(int, shape.split("x"))
         base, ws, x, exact, t_cublas = gemv_baseline(n, k)
         for cfg in args.configs.split(","):
-            parts = list(map(int, cfg.split(":")))
-            bn, wr, wq = parts[:3]
-            stages = parts[3] if len(parts) > 3 and parts[3] else None
-            maxnreg = parts[4] if len(parts) > 4 and parts[4] else None
+            parts = list(map(int, cfg.split(":"))) + [0] * 4
+            bn, wr, wq, stages, maxnreg, rb, late = parts[:7]
+            rb = rb or 1
+            kw = base.qweight.shape[1]
+            st = stages_for(kw, bn, wq, stages or None, rb, PROBE_SMEM)
+            kb = st * bn * 128 * wq * 4 // 1024
+            opts = dict(block_n=bn, wr=wr, wq=wq, stages=stages or None, rb=rb, maxnreg=maxnreg or None,
+                        max_smem=PROBE_SMEM, early_scales=not late)
             modes = [(True, False)] + [(False, False)] * args.floor + [(True, True)] * args.pdl
             for compute, pdl in modes:
                 try:
-                    g0 = TmaGemv(base, bn, wr, wq, stages, compute, pdl, maxnreg)
-                    if g0.smem > 200 * 1024:
-                        print(f"   tma {cfg}: skipped ({g0.smem // 1024} KB of shared memory)")
-                        break
-                    y = g0(x).float()
+                    y = gemv_tma(x, base, compute=compute, pdl=pdl, **opts).float()
                     err = float((y - exact).abs().max() / exact.abs().max()) if compute else float("nan")
-                    fns = [TmaGemv(w, bn, wr, wq, stages, compute, pdl, maxnreg) for w in ws]
-                    t = graph_time_us(fns_x := [partial(f, x) for f in fns])
-                    del fns_x
+                    t = graph_time_us([partial(gemv_tma, x, w, compute=compute, pdl=pdl, **opts) for w in ws])
                     what = ("gemv" if compute else "read floor") + (", PDL" if pdl else "")
-                    print(f"   tma {cfg} ({what}, {g0.stages} stages, {g0.smem // 1024} KB): {t:.2f} us "
+                    print(f"   tma {cfg} ({what}, {st} stages, {kb} KB): {t:.2f} us "
                           f"({t_cublas / t:.2f}x cuBLAS) rel err {err:.1e}", flush=True)
                 except Exception as e:  # a probe: report and go on
                     print(f"   tma {cfg}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-
 
 if __name__ == "__main__":
     main()

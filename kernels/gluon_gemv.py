@@ -9,7 +9,9 @@ copies of the program's whole weight range into shared memory at its start, *bef
 weights never depend on the previous kernel, so in a chain of GEMVs (a decode step) each call's
 weights stream in while the call before it computes, and the fixed cost overlaps.
 
-Each thread holds ``BLOCK_N / WR`` rows x one quad of 4 consecutive words of a chunk: x's pairs are
+A program owns ``RB`` blocks of ``BLOCK_N`` rows; the first tile's scales are loaded before the wait
+too, and only x (and y's buffer) wait for the previous kernel. Each thread holds ``BLOCK_N / WR``
+rows x one quad of 4 consecutive words of a chunk: x's pairs are
 loaded once per thread and broadcast over its rows in registers, a pair's scales for those rows are
 one contiguous load from the ``[G, N]`` layout, and the 4 words of a quad share a pair's scale, so
 gemv_h2's symmetric half2 column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
@@ -17,9 +19,11 @@ gemv_h2's symmetric half2 column sum (``_colsum_ptx``) applies to the quad as it
 Symmetric weights, fp16 x, and both slices of a pair in one group (``2 * SUB`` divides the group
 size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) takes it in place of
 ``gemv_h2`` where PDL is on and K < 8192 (:func:`triton_w4a16.tma_gemv_default`; ``KLAQ_TMA_GEMV=0``
-turns it off), or when asked by name (``kernel="gemv_tma"``). H100, a dependent chain as in a decode
-step (bench/kernels.py): 3.50x / 2.90x / 2.97x cuBLAS on 4096x4096 / 6144x4096 / 14336x4096 against
-gemv_h2's 2.39x / 2.56x / 2.95x; at 4096x14336 it was slower (2.16x against 2.65x), hence the K rule.
+turns it off), or when asked by name (``kernel="gemv_tma"``); :func:`config_for` picks the launch.
+H100, a dependent chain as in a decode step (bench/kernels.py, bench/results/kernels_h100_rb.md):
+3.70x / 3.11x / 3.08x cuBLAS on 4096x4096 / 6144x4096 / 14336x4096 with the launch config_for picks
+(gemv_h2: 2.39x / 2.56x / 2.95x in an earlier run); at 4096x14336 it was slower (2.16x against
+2.65x), hence the K rule.
 Gluon has no interpreter mode, so the kernel is tested on a Hopper GPU only
 (tests/kernels/test_gluon_gemv.py); the rules that pick it and size its ring are tested everywhere.
 """
@@ -34,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from klaq.kernels.gluon_w4a16 import _half2
+from klaq.kernels.gluon_w4a16 import _half2, _sm_count
 from klaq.kernels.pdl import launch_kwargs, pdl_for
 from klaq.kernels.triton_w4a16 import _H2_SUM, TritonW4, _colsum_ptx
 
@@ -53,27 +57,48 @@ MAX_SMEM = 96 * 1024  # a program's ring: at most this much, so two kernels' pro
 
 
 @gluon.jit
-def _issue(w_desc, w_smem, bars, row0, c, n_chunks, CW: gl.constexpr, STAGES: gl.constexpr):
-    """TMA chunk ``c`` (CW words of each of the program's rows) into its stage, in boxes of at most
-    256 words (TMA's box limit); rows past N and words past the row are zero-filled."""
+def _issue(w_desc, w_smem, bars, row0, t, n_chunks, n_tiles, CW: gl.constexpr, BLOCK_N: gl.constexpr,
+           STAGES: gl.constexpr):
+    """TMA tile ``t`` (row block ``t // n_chunks``, chunk ``t % n_chunks``: CW words of each of its
+    rows) into its stage, in boxes of at most 256 words (TMA's box limit); rows past N and words past
+    the row are zero-filled."""
     BOX: gl.constexpr = w_desc.block_type.shape[1]
-    ok = c < n_chunks
-    st = c % STAGES
+    ok = t < n_tiles
+    st = t % STAGES
+    row = row0 + (t // n_chunks) * BLOCK_N
+    col = (t % n_chunks) * CW
     mbarrier.expect(bars.index(st), w_desc.block_type.nbytes * (CW // BOX), pred=ok)
     for j in gl.static_range(CW // BOX):
-        _tma_load(w_desc, [row0, c * CW + j * BOX], bars.index(st), w_smem.index(st).slice(j * BOX, BOX, dim=1),
+        _tma_load(w_desc, [row, col + j * BOX], bars.index(st), w_smem.index(st).slice(j * BOX, BOX, dim=1),
                   pred=ok)
 
 
 @gluon.jit
-def _x_s(x_ptr, s_ptr, kx, ks, p: gl.constexpr, s_rows, live, zero, N, K, group_size, SUB: gl.constexpr):
-    """Pair p's x (halved, as half2, broadcast over the rows) and raw scales ``[BLOCK_N, Q]``."""
-    ka = kx + 2 * p * SUB
+def _x(x_ptr, c, quad_x, c_x, p: gl.constexpr, zero, K, Q: gl.constexpr, SUB: gl.constexpr):
+    """Pair p's x of chunk c (halved, as half2, broadcast over the rows)."""
+    wx = (c * Q + gl.expand_dims(quad_x, 1)) * 4 + gl.expand_dims(c_x, 0)
+    ka = (wx // SUB) * (8 * SUB) + wx % SUB + 2 * p * SUB
     xa = gl.load(x_ptr + ka, mask=ka < K, other=0.0)
     xb = gl.load(x_ptr + ka + SUB, mask=ka + SUB < K, other=0.0)
+    return gl.expand_dims(_half2(xa * 0.5, xb * 0.5), 0) + zero
+
+
+@gluon.jit
+def _s(s_ptr, c, quad_s, p: gl.constexpr, s_rows, N, Kw, group_size, Q: gl.constexpr, SUB: gl.constexpr):
+    """Pair p's raw scales ``[BLOCK_N, Q]`` of chunk c (both slices of a pair share a group)."""
+    ks = ((c * Q + quad_s) * 4 // SUB) * (8 * SUB)
+    live = gl.expand_dims(c * Q + quad_s < Kw // 4, 0)
     g = gl.expand_dims((ks + 2 * p * SUB) // group_size, 0)
-    s = gl.load(s_ptr + g * N + s_rows, mask=(s_rows < N) & live, other=0.0)
-    return gl.expand_dims(_half2(xa * 0.5, xb * 0.5), 0) + zero, s
+    return gl.load(s_ptr + g * N + s_rows, mask=(s_rows < N) & live, other=0.0)
+
+
+@gluon.jit
+def _scales(s_ptr, c, quad_s, s_rows, N, Kw, group_size, Q: gl.constexpr, SUB: gl.constexpr):
+    """The 4 pairs' raw scales of chunk c (:func:`_s`)."""
+    return (_s(s_ptr, c, quad_s, 0, s_rows, N, Kw, group_size, Q, SUB),
+            _s(s_ptr, c, quad_s, 1, s_rows, N, Kw, group_size, Q, SUB),
+            _s(s_ptr, c, quad_s, 2, s_rows, N, Kw, group_size, Q, SUB),
+            _s(s_ptr, c, quad_s, 3, s_rows, N, Kw, group_size, Q, SUB))
 
 
 @gluon.jit
@@ -90,77 +115,133 @@ def _colsum(words, x2, s, a2, p: gl.constexpr):
 
 
 @gluon.jit
+def _words(w_desc, w_smem, bars, row0, t, n_chunks, n_tiles, BLOCK_N: gl.constexpr, Q: gl.constexpr,
+           STAGES: gl.constexpr, L3: gl.constexpr):
+    """Tile t's words ``[BLOCK_N, Q, 4]`` once they have landed; its stage then takes tile t + STAGES."""
+    st = t % STAGES
+    mbarrier.wait(bars.index(st), (t // STAGES) & 1)
+    words = w_smem.index(st).reshape([BLOCK_N, Q, 4]).load(L3)
+    if n_tiles > STAGES:  # refill this stage (all warps have read it)
+        _cta_barrier()
+        _issue(w_desc, w_smem, bars, row0, t + STAGES, n_chunks, n_tiles, 4 * Q, BLOCK_N, STAGES)
+    return words
+
+
+@gluon.jit
+def _chunk(w_desc, w_smem, bars, x_ptr, ss0, ss1, ss2, ss3, acc, row0, t, c, n_chunks, n_tiles, quad_x, c_x,
+           zero, K, BLOCK_N: gl.constexpr, Q: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr,
+           L3: gl.constexpr):
+    """``acc`` plus tile t's sums (chunk c of its row block, whose scales are ``ss0``-``ss3``): x is
+    loaded before waiting for the words."""
+    xs0 = _x(x_ptr, c, quad_x, c_x, 0, zero, K, Q, SUB)
+    xs1 = _x(x_ptr, c, quad_x, c_x, 1, zero, K, Q, SUB)
+    xs2 = _x(x_ptr, c, quad_x, c_x, 2, zero, K, Q, SUB)
+    xs3 = _x(x_ptr, c, quad_x, c_x, 3, zero, K, Q, SUB)
+    words = _words(w_desc, w_smem, bars, row0, t, n_chunks, n_tiles, BLOCK_N, Q, STAGES, L3)
+    a2 = _colsum(words, xs0, ss0, zero, 0)
+    a2 = _colsum(words, xs1, ss1, a2, 1)
+    a2 = _colsum(words, xs2, ss2, a2, 2)
+    a2 = _colsum(words, xs3, ss3, a2, 3)
+    return acc + gl.inline_asm_elementwise(_SUM, "=f,r", [gl.sum(a2, axis=2)], dtype=gl.float32, is_pure=True,
+                                           pack=1)
+
+
+@gluon.jit
+def _chunk_floor(w_desc, w_smem, bars, chk, row0, t, n_chunks, n_tiles, BLOCK_N: gl.constexpr, Q: gl.constexpr,
+                 STAGES: gl.constexpr, L3: gl.constexpr):
+    """The read floor's tile: the same waits, the words XORed into ``chk``."""
+    return chk ^ _words(w_desc, w_smem, bars, row0, t, n_chunks, n_tiles, BLOCK_N, Q, STAGES, L3)
+
+
+@gluon.jit
 def _gemv_tma_kernel(w_desc, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, BLOCK_N: gl.constexpr, WR: gl.constexpr,
-                     WQ: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
-                     num_warps: gl.constexpr, COMPUTE: gl.constexpr = True):
-    # COMPUTE=False (bench/tma_gemv_probe.py --floor): the same loads and waits, no arithmetic; each
-    # row's output is then the XOR of its words, the read floor of this kernel.
+                     WQ: gl.constexpr, RB: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr,
+                     PDL: gl.constexpr, num_warps: gl.constexpr, COMPUTE: gl.constexpr = True,
+                     EARLY_S: gl.constexpr = True):
+    # A program owns RB blocks of BLOCK_N rows, one after the other; its tiles (row block, chunk) go
+    # through a ring of STAGES buffers. COMPUTE=False (bench/tma_gemv_probe.py --floor): the same
+    # loads and waits, no arithmetic; each row's output is then the XOR of its words (the read floor).
+    # EARLY_S: the first tile's scales are loaded before the PDL wait, like the words (the other tiles'
+    # at their turn: loading the second row block's early too took 71 -> 125 registers at 4:1:4 x 2).
     RPT: gl.constexpr = BLOCK_N // WR  # rows per thread
     Q: gl.constexpr = 32 * WQ  # quads (4 words) per chunk and row
     L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4], [1, 32, 1], [WR, WQ, 1], [2, 0, 1])
     LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BLOCK_N, Q]
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # [Q, 4]
     pid = gl.program_id(0)
-    row0 = pid * BLOCK_N
+    row0 = pid * (RB * BLOCK_N)
     n_chunks = gl.cdiv(Kw, 4 * Q)
+    n_tiles = RB * n_chunks
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4 * Q], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(STAGES):
         mbarrier.init(bars.index(b), count=1)
     for b in gl.static_range(STAGES):
-        _issue(w_desc, w_smem, bars, row0, b, n_chunks, 4 * Q, STAGES)
-    if PDL:  # the words never depend on an earlier kernel; x (and y's buffer) may
-        gdc_launch_dependents()
-        gdc_wait()
-
-    rows_raw = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+        _issue(w_desc, w_smem, bars, row0, b, n_chunks, n_tiles, 4 * Q, BLOCK_N, STAGES)
     quad_s = gl.arange(0, Q, layout=gl.SliceLayout(0, LS))
     quad_x = gl.arange(0, Q, layout=gl.SliceLayout(1, LX))
     c_x = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))
-    s_rows = gl.expand_dims(rows_raw, 1)
     zero = gl.zeros([BLOCK_N, Q, 4], gl.int32, layout=L3)
-    acc = gl.zeros([BLOCK_N, Q], gl.float32, layout=LS)
-    chk = gl.zeros([BLOCK_N, Q, 4], gl.int32, layout=L3)
-    for c in range(n_chunks):
-        st = c % STAGES
+    rows_b = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    if EARLY_S:  # the first tile's scales are in flight during the wait, like its words
+        e0, e1, e2, e3 = _scales(s_ptr, 0, quad_s, gl.expand_dims(row0 + rows_b, 1), N, Kw, group_size, Q, SUB)
+    if PDL:  # the words and scales never depend on an earlier kernel; x (and y's buffer) may
+        gdc_launch_dependents()
+        gdc_wait()
+
+    for r in gl.static_range(RB):
+        rows = row0 + r * BLOCK_N + rows_b
+        s_rows = gl.expand_dims(rows, 1)
+        acc = gl.zeros([BLOCK_N, Q], gl.float32, layout=LS)
+        chk = gl.zeros([BLOCK_N, Q, 4], gl.int32, layout=L3)
+        c0 = 0
+        if COMPUTE and EARLY_S and r == 0:
+            acc = _chunk(w_desc, w_smem, bars, x_ptr, e0, e1, e2, e3, acc, row0, 0, 0, n_chunks, n_tiles, quad_x, c_x,
+                         zero, K, BLOCK_N, Q, SUB, STAGES, L3)
+            c0 = 1
+        for c in range(c0, n_chunks):
+            t = r * n_chunks + c
+            if COMPUTE:
+                ss0, ss1, ss2, ss3 = _scales(s_ptr, c, quad_s, s_rows, N, Kw, group_size, Q, SUB)
+                acc = _chunk(w_desc, w_smem, bars, x_ptr, ss0, ss1, ss2, ss3, acc, row0, t, c, n_chunks, n_tiles,
+                             quad_x, c_x, zero, K, BLOCK_N, Q, SUB, STAGES, L3)
+            else:
+                chk = _chunk_floor(w_desc, w_smem, bars, chk, row0, t, n_chunks, n_tiles, BLOCK_N, Q, STAGES, L3)
         if COMPUTE:
-            # x and scales of this chunk before waiting for its words
-            wx = (c * Q + gl.expand_dims(quad_x, 1)) * 4 + gl.expand_dims(c_x, 0)
-            kx = (wx // SUB) * (8 * SUB) + wx % SUB
-            ks = ((c * Q + quad_s) * 4 // SUB) * (8 * SUB)
-            live = gl.expand_dims(c * Q + quad_s < Kw // 4, 0)
-            xs0, ss0 = _x_s(x_ptr, s_ptr, kx, ks, 0, s_rows, live, zero, N, K, group_size, SUB)
-            xs1, ss1 = _x_s(x_ptr, s_ptr, kx, ks, 1, s_rows, live, zero, N, K, group_size, SUB)
-            xs2, ss2 = _x_s(x_ptr, s_ptr, kx, ks, 2, s_rows, live, zero, N, K, group_size, SUB)
-            xs3, ss3 = _x_s(x_ptr, s_ptr, kx, ks, 3, s_rows, live, zero, N, K, group_size, SUB)
-        mbarrier.wait(bars.index(st), (c // STAGES) & 1)
-        words = w_smem.index(st).reshape([BLOCK_N, Q, 4]).load(L3)
-        if n_chunks > STAGES:  # refill this stage with the chunk STAGES on (all warps have read it)
-            _cta_barrier()
-            _issue(w_desc, w_smem, bars, row0, c + STAGES, n_chunks, 4 * Q, STAGES)
-        if COMPUTE:
-            a2 = _colsum(words, xs0, ss0, zero, 0)
-            a2 = _colsum(words, xs1, ss1, a2, 1)
-            a2 = _colsum(words, xs2, ss2, a2, 2)
-            a2 = _colsum(words, xs3, ss3, a2, 3)
-            acc += gl.inline_asm_elementwise(_SUM, "=f,r", [gl.sum(a2, axis=2)], dtype=gl.float32, is_pure=True,
-                                             pack=1)
+            out = gl.sum(acc, axis=1) * 8.0  # weights were (q - 8) / 4, x / 2
         else:
-            chk = chk ^ words
+            out = gl.sum(gl.sum(chk, axis=2), axis=1).to(gl.float32)
+        gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
-    if COMPUTE:
-        out = gl.sum(acc, axis=1) * 8.0  # weights were (q - 8) / 4, x / 2
-    else:
-        out = gl.sum(gl.sum(chk, axis=2), axis=1).to(gl.float32)
-    offs = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-    gl.store(y_ptr + offs, out.to(gl.float16), mask=offs < N)
 
 
-# (BLOCK_N, WR, WQ): 8 rows x one quad per thread, 4 warps, 512 words per chunk: the fastest with
-# PDL on all three large Llama-3-8B shapes of 10 configs (bench/results/tma_gemv_probe_small_h100.txt).
-DEFAULT_CONFIG = (8, 1, 4)
+# (BLOCK_N, WR, WQ, RB): 8 rows x one quad per thread, 4 warps, 512 words per chunk, one row block
+# per program: the fastest with PDL on all three large Llama-3-8B shapes of 10 configs
+# (bench/results/tma_gemv_probe_small_h100.txt).
+DEFAULT_CONFIG = (8, 1, 4, 1)
+# 4 rows per thread, two row blocks per program: the same programs' count on half the registers.
+NARROW_CONFIG = (4, 1, 4, 2)
+# Programs of each config one SM holds, by registers (x 128 threads, sm_90 builds: DEFAULT_CONFIG 90-92
+# registers, so 5 of 65536; NARROW_CONFIG 71, so 7).
+RESIDENT = {DEFAULT_CONFIG: 5, NARROW_CONFIG: 7}
+
+
+def config_for(n: int, sms: int) -> tuple[int, int, int, int]:
+    """The launch for ``n`` rows on ``sms`` SMs: :data:`DEFAULT_CONFIG`, unless its programs overflow
+    one wave while :data:`NARROW_CONFIG`'s (as many, each half the registers) fit in one.
+
+    Why: with PDL the next kernel's programs start (and issue their TMA) as this kernel's leave; a
+    second wave of programs keeps them out until it ends. H100, dependent chain
+    (bench/results/kernels_h100_rb.md): 6144x4096 (768 programs, 660 slots for 8-row programs, 924
+    for 4-row x 2) 3.11x cuBLAS against 2.88x; where both fit (4096x4096: 3.70x against 2.96x) or
+    neither does (14336x4096: 3.08x against 2.70x), the 8-row programs are faster.
+    """
+    programs = triton.cdiv(n, DEFAULT_CONFIG[0] * DEFAULT_CONFIG[3])
+    if RESIDENT[DEFAULT_CONFIG] * sms < programs <= RESIDENT[NARROW_CONFIG] * sms:
+        return NARROW_CONFIG
+    return DEFAULT_CONFIG
 
 
 def gemv_tma_ok(x: torch.Tensor, w: TritonW4) -> bool:
@@ -182,30 +263,40 @@ def _descriptor(w: TritonW4, block_n: int, box: int) -> TensorDescriptor:
     return desc
 
 
-def stages_for(kw: int, block_n: int, wq: int, stages: int | None = None) -> int:
-    """Chunks in flight: all of the program's chunks, or as many as :data:`MAX_SMEM` holds."""
+def stages_for(kw: int, block_n: int, wq: int, stages: int | None = None, rb: int = 1,
+               max_smem: int = MAX_SMEM) -> int:
+    """Tiles in flight: all of the program's (``rb`` row blocks x chunks), or as many as ``max_smem``
+    holds."""
     chunk_bytes = block_n * 128 * wq * 4
-    chunks = triton.cdiv(kw, 128 * wq)
-    return max(1, min(chunks, stages or chunks, MAX_SMEM // chunk_bytes))
+    tiles = rb * triton.cdiv(kw, 128 * wq)
+    return max(1, min(tiles, stages or tiles, max_smem // chunk_bytes))
 
 
 def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int | None = None,
              wq: int | None = None, stages: int | None = None, pdl: bool | None = None,
-             maxnreg: int | None = None) -> torch.Tensor:
-    """``x @ W.T`` for one fp16 row ``x [1, K]`` (see :func:`gemv_tma_ok`); ``block_n`` rows per
-    program in ``wr`` x ``wq`` warps (``wq`` quads of 32 per chunk row), ``stages`` chunks in flight."""
-    cfg = DEFAULT_CONFIG
-    block_n, wr, wq = block_n or cfg[0], wr or cfg[1], wq or cfg[2]
+             maxnreg: int | None = None, rb: int | None = None, max_smem: int = MAX_SMEM,
+             compute: bool = True, early_scales: bool = True) -> torch.Tensor:
+    """``x @ W.T`` for one fp16 row ``x [1, K]`` (see :func:`gemv_tma_ok`); ``rb`` blocks of ``block_n``
+    rows per program in ``wr`` x ``wq`` warps (``wq`` quads of 32 per chunk row), ``stages`` tiles in
+    flight (at most ``max_smem`` bytes). With none of the four given, the launch is
+    :func:`config_for`'s; otherwise what is not given comes from :data:`DEFAULT_CONFIG`. ``compute=False`` (benchmarks only): the read floor, each
+    row's output the XOR of its words; ``early_scales=False`` (benchmarks only): the first tile's
+    scales are loaded after the PDL wait, as the other tiles'."""
+    n, kw = w.qweight.shape
+    chosen = block_n is None and wr is None and wq is None and rb is None
+    cfg = config_for(n, _sm_count(x.device)) if chosen and x.is_cuda else DEFAULT_CONFIG
+    block_n, wr, wq, rb = block_n or cfg[0], wr or cfg[1], wq or cfg[2], rb or cfg[3]
     if block_n % wr or (block_n // wr) & (block_n // wr - 1):
         raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
-    n, kw = w.qweight.shape
     x2 = x.reshape(1, w.in_features).contiguous()
-    st = stages_for(kw, block_n, wq, stages)
+    st = stages_for(kw, block_n, wq, stages, rb, max_smem)
     use_pdl = pdl_for(x.device, pdl)
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
     desc = _descriptor(w, block_n, min(128 * wq, 256))
-    _gemv_tma_kernel[(triton.cdiv(n, block_n),)](desc, x2, w.scales, y, n, w.in_features, kw, w.group_size,
-                                                 BLOCK_N=block_n, WR=wr, WQ=wq, SUB=w.block_k // 8, STAGES=st,
-                                                 PDL=use_pdl, num_warps=wr * wq, **launch_kwargs(use_pdl),
-                                                 **({"maxnreg": maxnreg} if maxnreg else {}))
+    _gemv_tma_kernel[(triton.cdiv(n, block_n * rb),)](desc, x2, w.scales, y, n, w.in_features, kw, w.group_size,
+                                                      BLOCK_N=block_n, WR=wr, WQ=wq, RB=rb, SUB=w.block_k // 8,
+                                                      STAGES=st, PDL=use_pdl, num_warps=wr * wq, COMPUTE=compute,
+                                                      EARLY_S=early_scales and compute,
+                                                      **launch_kwargs(use_pdl),
+                                                      **({"maxnreg": maxnreg} if maxnreg else {}))
     return y.reshape(*x.shape[:-1], n)

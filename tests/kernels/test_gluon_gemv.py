@@ -32,10 +32,12 @@ def check(n, k, group_size, seed=0, x_scale=1.0, **config):
 @pytest.mark.parametrize("n,k,group_size", [(300, 576, 128), (576, 1536, 128), (576, 1536, 256),
                                             (1000, 4096 + 64, 128), (4096, 4096, 128), (100, 14336, 128)])
 @pytest.mark.parametrize("config", [dict(block_n=8, wr=1, wq=4), dict(block_n=8, wr=1, wq=1),
-                                    dict(block_n=16, wr=2, wq=2), dict(block_n=4, wr=1, wq=2)])
+                                    dict(block_n=16, wr=2, wq=2), dict(block_n=4, wr=1, wq=2),
+                                    dict(block_n=4, wr=1, wq=4, rb=2), dict(block_n=8, wr=1, wq=4, rb=3)])
 def test_gemv_tma_shapes(n, k, group_size, config):
-    """Ragged K (576, 4096 + 64: chunks past the row are zero-filled by TMA), N off the row blocks,
-    long K with a ring shorter than the row, groups 128 and 256."""
+    """Ragged K (576, 4096 + 64: chunks past the row are zero-filled by TMA), N off the row blocks
+    (with several row blocks per program, whole blocks past N), long K with a ring shorter than the
+    program's tiles, groups 128 and 256."""
     check(n, k, group_size, seed=n + k, **config)
 
 
@@ -45,6 +47,24 @@ def test_gemv_tma_ring_shorter_than_the_row(stages):
     """Chunks refill their stage once every warp has read it: 1 to 3 stages over 9 chunks."""
     w, x, y = check(700, 4096 + 512, 128, wq=1, stages=stages)
     assert torch.equal(y, gluon_gemv.gemv_tma(x, w, wq=1))
+
+
+@hopper
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_gemv_tma_ring_over_row_blocks(stages):
+    """With 3 row blocks of 2 chunks each, a stage is refilled with the next row block's chunk: the
+    same sums as with every tile in flight."""
+    w, x, y = check(300, 2048, 128, block_n=4, wq=2, rb=3, stages=stages)
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, block_n=4, wq=2, rb=3))
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, block_n=4, wq=2))
+
+
+@hopper
+@pytest.mark.parametrize("config", [dict(), dict(block_n=4, wq=2, rb=3), dict(wq=1, stages=2)])
+def test_gemv_tma_scales_before_or_after_the_wait_are_the_same_sum(config):
+    """The first tile's scales loaded before the PDL wait (the default) or after it, as the others'."""
+    w, x, y = check(500, 4096 + 64, 128, pdl=True, **config)
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, pdl=True, early_scales=False, **config))
 
 
 @hopper
@@ -74,13 +94,47 @@ def test_gemv_tma_takes_only_what_it_can():
 
 
 def test_ring_holds_the_row_or_what_fits():
-    """All of a program's chunks in flight, or as many as 96 KB hold; an asked count is a cap."""
+    """All of a program's tiles (row blocks x chunks) in flight, or as many as 96 KB (or the given
+    budget) hold; an asked count is a cap."""
     assert gluon_gemv.stages_for(512, 8, 4) == 1  # K = 4096 in one 16 KB chunk
     assert gluon_gemv.stages_for(512, 8, 1) == 4  # four 4 KB chunks
     assert gluon_gemv.stages_for(1792, 8, 1) == 14  # K = 14336: 56 KB
     assert gluon_gemv.stages_for(1792, 32, 1) == 6  # 16 KB chunks: 96 KB
     assert gluon_gemv.stages_for(1792, 8, 1, stages=3) == 3
     assert gluon_gemv.stages_for(64, 8, 4) == 1
+    assert gluon_gemv.stages_for(512, 4, 4, rb=4) == 4  # four row blocks of one 8 KB chunk
+    assert gluon_gemv.stages_for(512, 8, 4, rb=8) == 6  # 96 KB of 16 KB tiles
+    assert gluon_gemv.stages_for(512, 8, 4, rb=8, max_smem=200 * 1024) == 8
+
+
+def test_launch_keeps_the_programs_in_one_wave():
+    """8-row programs (5 per SM) unless they overflow a wave that 4-row x 2 programs (7 per SM) fill."""
+    assert gluon_gemv.config_for(4096, 132) == gluon_gemv.DEFAULT_CONFIG == (8, 1, 4, 1)  # 512 programs
+    assert gluon_gemv.config_for(6144, 132) == gluon_gemv.NARROW_CONFIG == (4, 1, 4, 2)  # 768
+    assert gluon_gemv.config_for(14336, 132) == gluon_gemv.DEFAULT_CONFIG  # 1792: neither fits
+    assert gluon_gemv.config_for(660 * 8, 132) == gluon_gemv.DEFAULT_CONFIG
+    assert gluon_gemv.config_for(660 * 8 + 1, 132) == gluon_gemv.NARROW_CONFIG
+    assert gluon_gemv.config_for(924 * 8, 132) == gluon_gemv.NARROW_CONFIG
+    assert gluon_gemv.config_for(924 * 8 + 1, 132) == gluon_gemv.DEFAULT_CONFIG
+    assert gluon_gemv.config_for(6144, 78) == gluon_gemv.DEFAULT_CONFIG  # fewer SMs: neither fits
+
+
+@hopper
+def test_gemv_tma_default_launch_is_config_for(monkeypatch):
+    """With no launch given the rows and the SM count pick it (:func:`config_for`); with any part
+    given, the rest is DEFAULT_CONFIG's. A layer in the narrow band gives the asked launch's bits."""
+    from klaq.kernels.gluon_w4a16 import _sm_count
+    sms = _sm_count(torch.device("cuda"))
+    n = 6 * 8 * sms
+    calls = []
+    real = gluon_gemv.config_for
+    monkeypatch.setattr(gluon_gemv, "config_for", lambda n, sms: calls.append((n, sms)) or real(n, sms))
+    w, x, y = check(n, 1024, 128)
+    assert calls == [(n, sms)] and real(n, sms) == gluon_gemv.NARROW_CONFIG
+    bn, wr, wq, rb = gluon_gemv.NARROW_CONFIG
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, block_n=bn, wr=wr, wq=wq, rb=rb))
+    gluon_gemv.gemv_tma(x, w, block_n=8)
+    assert len(calls) == 1
 
 
 def test_rows_per_thread_must_be_a_power_of_two():
