@@ -14,9 +14,9 @@ finished). At M = 1 the "chain" columns time the calls as a decode step runs the
 the previous call's output (``y[..., :K]``; shapes with N < K take the same x and say so), klaq's
 GEMVs launched as the runtime launches them (programmatic dependent launch on Hopper unless
 ``KLAQ_PDL=0``, kernels/pdl.py: a GEMV lets the next kernel launch, then waits for the previous
-one before reading x; the targets say which way it ran), cuBLAS as torch launches it. So on Hopper
-the chain times ``gemv_tma`` where the dispatch takes it (with PDL, K < 8192; kernels/gluon_gemv.py)
-and the main columns ``gemv_h2``.
+one before reading x; the targets say which way it ran), cuBLAS as torch launches it. On Hopper
+both time ``gemv_tma`` where the dispatch takes it (K < 8192, symmetric weights;
+kernels/gluon_gemv.py), the main columns without PDL.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ The weight is seen as ``[N, Kw / 4, 4]`` so a TMA box is exactly the register ti
 bank conflicts). ``--floor`` adds the same kernel with no arithmetic (the TMA read floor).
 
 The kernel is kernels/gluon_gemv.py's (``COMPUTE=False`` for ``--floor``), since 2026-12-06 in the
-dispatch as ``gemv_tma`` (with PDL, K < 8192). A config's fifth field caps the registers per
+dispatch as ``gemv_tma`` (K < 8192). A config's fifth field caps the registers per
 thread (``maxnreg``), so more programs fit beside the previous kernel's (slower where measured).
 
 First result (H100, bench/results/tma_gemv_probe_h100.txt): exact (rel err

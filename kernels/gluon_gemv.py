@@ -11,19 +11,19 @@ weights stream in while the call before it computes, and the fixed cost overlaps
 
 A program owns ``RB`` blocks of ``BLOCK_N`` rows; the first tile's scales are loaded before the wait
 too, and only x (and y's buffer) wait for the previous kernel. Each thread holds ``BLOCK_N / WR``
-rows x one quad of 4 consecutive words of a chunk: x's pairs are
-loaded once per thread and broadcast over its rows in registers, a pair's scales for those rows are
-one contiguous load from the ``[G, N]`` layout, and the 4 words of a quad share a pair's scale, so
-gemv_h2's symmetric half2 column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
+rows x one quad of 4 consecutive words of a chunk: x's pairs are loaded once per thread and
+broadcast over its rows in registers, a pair's scales for those rows are one contiguous load from
+the ``[G, N]`` layout, and the 4 words of a quad share a pair's scale, so gemv_h2's symmetric half2
+column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
 
 Symmetric weights, fp16 x, and both slices of a pair in one group (``2 * SUB`` divides the group
 size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) takes it in place of
-``gemv_h2`` where PDL is on and K < 8192 (:func:`triton_w4a16.tma_gemv_default`; ``KLAQ_TMA_GEMV=0``
-turns it off), or when asked by name (``kernel="gemv_tma"``); :func:`config_for` picks the launch.
-H100, a dependent chain as in a decode step (bench/kernels.py, bench/results/kernels_h100_rb.md):
-3.70x / 3.11x / 3.08x cuBLAS on 4096x4096 / 6144x4096 / 14336x4096 with the launch config_for picks
-(gemv_h2: 2.39x / 2.56x / 2.95x in an earlier run); at 4096x14336 it was slower (2.16x against
-2.65x), hence the K rule.
+``gemv_h2`` where K < 8192, with PDL or without (alone it was a little faster than gemv_h2 too;
+:func:`triton_w4a16.tma_gemv_default`; ``KLAQ_TMA_GEMV=0`` turns it off), or when asked by name
+(``kernel="gemv_tma"``); :func:`config_for` picks the launch. H100, a dependent chain as in a decode
+step (bench/kernels.py, bench/results/kernels_h100_rb.md): 3.70x / 3.11x / 3.08x cuBLAS on 4096x4096
+/ 6144x4096 / 14336x4096 with the launch config_for picks (gemv_h2: 2.39x / 2.56x / 2.95x in an
+earlier run); at 4096x14336 it was slower (2.16x against 2.65x), hence the K rule.
 Gluon has no interpreter mode, so the kernel is tested on a Hopper GPU only
 (tests/kernels/test_gluon_gemv.py); the rules that pick it and size its ring are tested everywhere.
 """
@@ -228,18 +228,19 @@ NARROW_CONFIG = (4, 1, 4, 2)
 RESIDENT = {DEFAULT_CONFIG: 5, NARROW_CONFIG: 7}
 
 
-def config_for(n: int, sms: int) -> tuple[int, int, int, int]:
-    """The launch for ``n`` rows on ``sms`` SMs: :data:`DEFAULT_CONFIG`, unless its programs overflow
-    one wave while :data:`NARROW_CONFIG`'s (as many, each half the registers) fit in one.
+def config_for(n: int, sms: int, pdl: bool = True) -> tuple[int, int, int, int]:
+    """The launch for ``n`` rows on ``sms`` SMs: :data:`DEFAULT_CONFIG`, unless with PDL its programs
+    overflow one wave while :data:`NARROW_CONFIG`'s (as many, each half the registers) fit in one.
 
     Why: with PDL the next kernel's programs start (and issue their TMA) as this kernel's leave; a
     second wave of programs keeps them out until it ends. H100, dependent chain
     (bench/results/kernels_h100_rb.md): 6144x4096 (768 programs, 660 slots for 8-row programs, 924
     for 4-row x 2) 3.11x cuBLAS against 2.88x; where both fit (4096x4096: 3.70x against 2.96x) or
-    neither does (14336x4096: 3.08x against 2.70x), the 8-row programs are faster.
+    neither does (14336x4096: 3.08x against 2.70x), the 8-row programs are faster, and without PDL
+    they were faster on all three (6144x4096: 8.26 us against 9.69).
     """
     programs = triton.cdiv(n, DEFAULT_CONFIG[0] * DEFAULT_CONFIG[3])
-    if RESIDENT[DEFAULT_CONFIG] * sms < programs <= RESIDENT[NARROW_CONFIG] * sms:
+    if pdl and RESIDENT[DEFAULT_CONFIG] * sms < programs <= RESIDENT[NARROW_CONFIG] * sms:
         return NARROW_CONFIG
     return DEFAULT_CONFIG
 
@@ -283,14 +284,14 @@ def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int |
     row's output the XOR of its words; ``early_scales=False`` (benchmarks only): the first tile's
     scales are loaded after the PDL wait, as the other tiles'."""
     n, kw = w.qweight.shape
+    use_pdl = pdl_for(x.device, pdl)
     chosen = block_n is None and wr is None and wq is None and rb is None
-    cfg = config_for(n, _sm_count(x.device)) if chosen and x.is_cuda else DEFAULT_CONFIG
+    cfg = config_for(n, _sm_count(x.device), use_pdl) if chosen and x.is_cuda else DEFAULT_CONFIG
     block_n, wr, wq, rb = block_n or cfg[0], wr or cfg[1], wq or cfg[2], rb or cfg[3]
     if block_n % wr or (block_n // wr) & (block_n // wr - 1):
         raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
     x2 = x.reshape(1, w.in_features).contiguous()
     st = stages_for(kw, block_n, wq, stages, rb, max_smem)
-    use_pdl = pdl_for(x.device, pdl)
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
     desc = _descriptor(w, block_n, min(128 * wq, 256))
     _gemv_tma_kernel[(triton.cdiv(n, block_n * rb),)](desc, x2, w.scales, y, n, w.in_features, kw, w.group_size,

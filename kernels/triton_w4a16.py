@@ -37,8 +37,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
 * ``dequant``: the whole weight to the activation dtype in a scratch buffer, then cuBLAS. M > 128.
 * ``wgmma`` (gluon_w4a16.py): on Hopper with fp16 activations it replaces ``gemm_swap`` and
   ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights.
-* ``gemv_tma`` (gluon_gemv.py): on Hopper with PDL, for symmetric weights, each program's words
-  arrive by TMA before the PDL wait, so a GEMV's weights stream in while the kernel before it runs.
+* ``gemv_tma`` (gluon_gemv.py): on Hopper, for symmetric weights, each program's words arrive by
+  TMA (with PDL before its wait, so a GEMV's weights stream in while the kernel before it runs).
   In place of ``gemv_h2`` for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`).
 
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
@@ -798,7 +798,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       long K, split-K, 1-2% slower, so not there). Not kept: the next step's words loaded early in
       registers (7-60% slower), a TMA prefetch of the program's words into L2 (5-35% slower), x
       loaded in the words' layout (10-60% slower). bf16 activations take the ``gemv``.
-    * M = 1 on Hopper with PDL, K < 8192, symmetric weights (fp16): ``gemv_tma`` replaces ``gemv_h2``
+    * M = 1 on Hopper, K < 8192, symmetric weights (fp16): ``gemv_tma`` replaces ``gemv_h2``
       in :func:`w4a16_matmul` (gluon_gemv.py; :func:`tma_gemv_default`).
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
@@ -873,18 +873,18 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
 
 def tma_gemv_default(k: int) -> bool:
     """Whether the dispatch sends ``gemv_h2``'s calls to the TMA GEMV: for K below 8192, unless
-    ``KLAQ_TMA_GEMV=0`` (read at each call). H100, a dependent chain with PDL as in a decode step
-    (bench/kernels.py): 4096x4096 4.9 us against gemv_h2's 7.0, 6144x4096 7.9 against 8.9,
-    14336x4096 14.6 against 14.8, but 4096x14336 21.2 against 17.4 (bench/results/kernels_h100_tma.md)."""
+    ``KLAQ_TMA_GEMV=0`` (read at each call). H100 (bench/results/kernels_h100_rb.md): a dependent chain
+    with PDL as in a decode step, 4096x4096 4.8 us against gemv_h2's 7.0 (an earlier run), 6144x4096
+    7.2 against 8.9, 14336x4096 14.6 against 14.8, but 4096x14336 21.2 against 17.4
+    (bench/results/kernels_h100_tma.md); calls alone without PDL 6.18 / 8.26 / 15.02 us against
+    gemv_h2's 6.66 / 8.36 / 15.14 (the first tile's scales, like its words, load at the start)."""
     return os.environ.get("KLAQ_TMA_GEMV", "1") != "0" and k < 8192
 
 
-def tma_gemv_ok(x: torch.Tensor, w: TritonW4, use_pdl: bool) -> bool:
-    """Whether the Hopper TMA GEMV (gluon_gemv.py) can take this call: with PDL on (the point of it:
-    its weights stream in before the wait, while the kernel before it runs; without PDL it was 3%
-    slower than ``gemv_h2``), on what it takes (:func:`gluon_gemv.gemv_tma_ok`), and where Gluon is
-    importable (not the interpreter)."""
-    if _INTERPRET or not use_pdl or not x.is_cuda:
+def tma_gemv_ok(x: torch.Tensor, w: TritonW4) -> bool:
+    """Whether the Hopper TMA GEMV (gluon_gemv.py) can take this call: on what it takes
+    (:func:`gluon_gemv.gemv_tma_ok`) and where Gluon is importable (not the interpreter)."""
+    if _INTERPRET or not x.is_cuda:
         return False
     module = _optional(_TMA, "gluon_gemv")
     return module is not None and module.gemv_tma_ok(x, w)
@@ -947,12 +947,12 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     gemv = kind.startswith("gemv")
     use_pdl = gemv and pdl_for(x.device, pdl)
     if kind == "gemv_tma":
-        if not tma_gemv_ok(x2, w, True):
+        if not tma_gemv_ok(x2, w):
             raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights whose "
                              "group size is a multiple of block_k / 4, and Triton's Gluon")
         return _TMA[0].gemv_tma(x2, w, pdl=use_pdl).reshape(*lead, n)
-    if kind == "gemv_h2" and kernel is None and tma_gemv_default(k) and tma_gemv_ok(x2, w, use_pdl):
-        # M = 1 on Hopper with PDL: the weights arrive by TMA before the wait (gluon_gemv.py). A Triton
+    if kind == "gemv_h2" and kernel is None and tma_gemv_default(k) and tma_gemv_ok(x2, w):
+        # M = 1 on Hopper: the weights (with PDL, before the wait) arrive by TMA (gluon_gemv.py). A Triton
         # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
         y = _try_optional(_TMA, "Hopper TMA GEMV", "gemv_h2", lambda: _TMA[0].gemv_tma(x2, w, pdl=use_pdl))
         if y is not None:

@@ -108,7 +108,8 @@ def test_ring_holds_the_row_or_what_fits():
 
 
 def test_launch_keeps_the_programs_in_one_wave():
-    """8-row programs (5 per SM) unless they overflow a wave that 4-row x 2 programs (7 per SM) fill."""
+    """8-row programs (5 per SM) unless, with PDL, they overflow a wave that 4-row x 2 programs (7 per
+    SM) fill."""
     assert gluon_gemv.config_for(4096, 132) == gluon_gemv.DEFAULT_CONFIG == (8, 1, 4, 1)  # 512 programs
     assert gluon_gemv.config_for(6144, 132) == gluon_gemv.NARROW_CONFIG == (4, 1, 4, 2)  # 768
     assert gluon_gemv.config_for(14336, 132) == gluon_gemv.DEFAULT_CONFIG  # 1792: neither fits
@@ -117,6 +118,7 @@ def test_launch_keeps_the_programs_in_one_wave():
     assert gluon_gemv.config_for(924 * 8, 132) == gluon_gemv.NARROW_CONFIG
     assert gluon_gemv.config_for(924 * 8 + 1, 132) == gluon_gemv.DEFAULT_CONFIG
     assert gluon_gemv.config_for(6144, 78) == gluon_gemv.DEFAULT_CONFIG  # fewer SMs: neither fits
+    assert gluon_gemv.config_for(6144, 132, pdl=False) == gluon_gemv.DEFAULT_CONFIG  # no next kernel to let in
 
 
 @hopper
@@ -128,11 +130,11 @@ def test_gemv_tma_default_launch_is_config_for(monkeypatch):
     n = 6 * 8 * sms
     calls = []
     real = gluon_gemv.config_for
-    monkeypatch.setattr(gluon_gemv, "config_for", lambda n, sms: calls.append((n, sms)) or real(n, sms))
-    w, x, y = check(n, 1024, 128)
-    assert calls == [(n, sms)] and real(n, sms) == gluon_gemv.NARROW_CONFIG
+    monkeypatch.setattr(gluon_gemv, "config_for", lambda n, sms, pdl: calls.append((n, sms, pdl)) or real(n, sms, pdl))
+    w, x, y = check(n, 1024, 128, pdl=True)
+    assert calls == [(n, sms, True)] and real(n, sms) == gluon_gemv.NARROW_CONFIG
     bn, wr, wq, rb = gluon_gemv.NARROW_CONFIG
-    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, block_n=bn, wr=wr, wq=wq, rb=rb))
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, block_n=bn, wr=wr, wq=wq, rb=rb, pdl=True))
     gluon_gemv.gemv_tma(x, w, block_n=8)
     assert len(calls) == 1
 
@@ -144,10 +146,10 @@ def test_rows_per_thread_must_be_a_power_of_two():
 
 
 @hopper
-@pytest.mark.parametrize("pdl,asym,expected", [(True, False, 1), (False, False, 0), (True, True, 0)])
-def test_dispatch_takes_tma_with_pdl(pdl, asym, expected, monkeypatch):
-    """M = 1, fp16, a layer past gemv_wide's size on Hopper (by default): the TMA GEMV when PDL is
-    on and the weights are symmetric, gemv_h2 otherwise; both match the reference."""
+@pytest.mark.parametrize("pdl,asym,expected", [(True, False, 1), (False, False, 1), (True, True, 0)])
+def test_dispatch_takes_tma(pdl, asym, expected, monkeypatch):
+    """M = 1, fp16, a layer past gemv_wide's size on Hopper (by default): the TMA GEMV for symmetric
+    weights, with PDL or without, gemv_h2 otherwise; both match the reference."""
     monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
     calls = []
     real = gluon_gemv.gemv_tma

@@ -202,9 +202,8 @@ def test_cuda_graph_step_equals_eager(packages):
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_cuda_graph_with_pdl_equals_without(packages, arch, monkeypatch):
     """Programmatic dependent launch changes when kernels start, never what they compute: the
-    graph's logits are bit-identical with it on and off (KLAQ_PDL), over several decode steps. (The
-    tiny models' layers stay on the same kernels both ways; a Hopper layer that takes gemv_tma with
-    PDL takes gemv_h2 without it, kernels/pdl.py.)"""
+    graph's logits are bit-identical with it on and off (KLAQ_PDL), over several decode steps (every
+    layer takes the same kernel both ways, kernels/pdl.py)."""
     if not has_triton():
         pytest.skip("needs triton")
     pf = packages(arch)
