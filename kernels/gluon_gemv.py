@@ -221,7 +221,7 @@ def _gemv_tma_kernel(w_desc, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, BLOCK_N:
 # per program: the fastest with PDL on all three large Llama-3-8B shapes of 10 configs
 # (bench/results/tma_gemv_probe_small_h100.txt).
 DEFAULT_CONFIG = (8, 1, 4, 1)
-# 4 rows per thread, two row blocks per program: the same programs' count on half the registers.
+# 4 rows per thread, two row blocks per program: as many programs as DEFAULT_CONFIG's, fewer registers each.
 NARROW_CONFIG = (4, 1, 4, 2)
 # Programs of each config one SM holds, by registers (x 128 threads, sm_90 builds: DEFAULT_CONFIG 90-92
 # registers, so 5 of 65536; NARROW_CONFIG 71, so 7).
@@ -230,7 +230,7 @@ RESIDENT = {DEFAULT_CONFIG: 5, NARROW_CONFIG: 7}
 
 def config_for(n: int, sms: int, pdl: bool = True) -> tuple[int, int, int, int]:
     """The launch for ``n`` rows on ``sms`` SMs: :data:`DEFAULT_CONFIG`, unless with PDL its programs
-    overflow one wave while :data:`NARROW_CONFIG`'s (as many, each half the registers) fit in one.
+    overflow one wave while :data:`NARROW_CONFIG`'s (as many, on fewer registers) fit in one.
 
     Why: with PDL the next kernel's programs start (and issue their TMA) as this kernel's leave; a
     second wave of programs keeps them out until it ends. H100, dependent chain
