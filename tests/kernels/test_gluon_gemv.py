@@ -122,6 +122,14 @@ def test_launch_keeps_the_programs_in_one_wave():
 
 
 @hopper
+def test_gemv_tma_narrow_and_default_launches_are_the_same_sum():
+    """4 rows per thread in two row blocks or 8 rows in one: each row's quads are summed the same way
+    in the same order (the quads' layout is the same), so PDL's choice of launch changes no bit."""
+    w, x, y = check(1000, 4096 + 64, 128, block_n=8, wr=1, wq=4, rb=1)
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, block_n=4, wr=1, wq=4, rb=2))
+
+
+@hopper
 def test_gemv_tma_default_launch_is_config_for(monkeypatch):
     """With no launch given the rows and the SM count pick it (:func:`config_for`); with any part
     given, the rest is DEFAULT_CONFIG's. A layer in the narrow band gives the asked launch's bits."""
