@@ -46,7 +46,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import gemv_baseline, graph_time_us  # noqa: E402
-from klaq.kernels.gluon_gemv import gemv_tma, stages_for  # noqa: E402
+from klaq.kernels.gluon_gemv import gemv_tma, stages_for, tile_bytes  # noqa: E402
 
 PROBE_SMEM = 200 * 1024  # the probe lets a program's ring take more than the dispatch's MAX_SMEM
 
@@ -72,7 +72,7 @@ def main():
             rb = rb or 1
             kw = base.qweight.shape[1]
             st = stages_for(kw, bn, wq, stages or None, rb, PROBE_SMEM)
-            kb = st * bn * 128 * wq * 4 // 1024
+            kb = st * tile_bytes(bn, wq) // 1024
             opts = dict(block_n=bn, wr=wr, wq=wq, stages=stages or None, rb=rb, maxnreg=maxnreg or None,
                         max_smem=PROBE_SMEM, early_scales=not late)
             modes = [(True, False)] + [(False, False)] * args.floor + [(True, True)] * args.pdl
@@ -86,6 +86,7 @@ def main():
                           f"({t_cublas / t:.2f}x cuBLAS) rel err {err:.1e}", flush=True)
                 except Exception as e:  # a probe: report and go on
                     print(f"   tma {cfg}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -264,13 +264,17 @@ def _descriptor(w: TritonW4, block_n: int, box: int) -> TensorDescriptor:
     return desc
 
 
+def tile_bytes(block_n: int, wq: int) -> int:
+    """Shared memory of one ring stage: ``block_n`` rows x one chunk of ``128 * wq`` int32 words."""
+    return block_n * 128 * wq * 4
+
+
 def stages_for(kw: int, block_n: int, wq: int, stages: int | None = None, rb: int = 1,
                max_smem: int = MAX_SMEM) -> int:
     """Tiles in flight: all of the program's (``rb`` row blocks x chunks), or as many as ``max_smem``
     holds."""
-    chunk_bytes = block_n * 128 * wq * 4
     tiles = rb * triton.cdiv(kw, 128 * wq)
-    return max(1, min(tiles, stages or tiles, max_smem // chunk_bytes))
+    return max(1, min(tiles, stages or tiles, max_smem // tile_bytes(block_n, wq)))
 
 
 def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int | None = None,
@@ -280,9 +284,10 @@ def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int |
     """``x @ W.T`` for one fp16 row ``x [1, K]`` (see :func:`gemv_tma_ok`); ``rb`` blocks of ``block_n``
     rows per program in ``wr`` x ``wq`` warps (``wq`` quads of 32 per chunk row), ``stages`` tiles in
     flight (at most ``max_smem`` bytes). With none of the four given, the launch is
-    :func:`config_for`'s; otherwise what is not given comes from :data:`DEFAULT_CONFIG`. ``compute=False`` (benchmarks only): the read floor, each
-    row's output the XOR of its words; ``early_scales=False`` (benchmarks only): the first tile's
-    scales are loaded after the PDL wait, as the other tiles'."""
+    :func:`config_for`'s; otherwise what is not given comes from :data:`DEFAULT_CONFIG`.
+    ``compute=False`` (benchmarks only): the read floor, each row's output the XOR of its words;
+    ``early_scales=False`` (benchmarks only): the first tile's scales are loaded after the PDL wait,
+    as the other tiles'."""
     n, kw = w.qweight.shape
     use_pdl = pdl_for(x.device, pdl)
     chosen = block_n is None and wr is None and wq is None and rb is None
