@@ -34,18 +34,13 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from klaq.kernels.gluon_w4a16 import _half2, _sm_count
+from klaq.kernels.gluon_w4a16 import _cta_barrier, _half2, _sm_count, _tma_load
 from klaq.kernels.pdl import launch_kwargs, pdl_for
 from klaq.kernels.triton_w4a16 import _H2_SUM, TritonW4, _colsum_ptx
-
-# Triton 3.6 names the TMA load async_copy_global_to_shared and the CTA barrier thread_barrier;
-# later versions async_load and barrier.
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 # gemv_h2's column sum for one quad under ``pack=4``: $4-$7 the 4 words, $8-$11 their x pairs
 # (halved), $12 the pair's scales, $16 the half2 sum; the sum goes to $0, $1-$3 are set to 0.

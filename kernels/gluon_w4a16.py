@@ -41,6 +41,11 @@ from klaq.kernels.triton_w4a16 import TritonW4, _workspace
 _DQ_SYM = gl.constexpr(_TL_DQ_SYM.value)
 _DQ_ASYM = gl.constexpr(_TL_DQ_ASYM.value)
 
+# Triton 3.6 names the TMA load async_copy_global_to_shared and the CTA barrier thread_barrier;
+# later versions async_load and barrier.
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
 
 @gluon.jit
 def _half2(a, b):
@@ -113,7 +118,7 @@ def _issue_x(x_desc, x_smem, bars, m0, k_base, j, n_slices, c0, SUB: gl.constexp
     ok = j < n_slices
     st = (c0 + j) % STAGES
     mbarrier.expect(bars.index(st), x_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(x_desc, [m0, k_base + j * SUB], bars.index(st), x_smem.index(st), pred=ok)
+    _tma_load(x_desc, [m0, k_base + j * SUB], bars.index(st), x_smem.index(st), pred=ok)
 
 
 @gluon.jit
@@ -253,11 +258,14 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                 gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma)), 0)
             slot = 1 - (u_seg == u_begin).to(gl.int32)  # a share's first segment, or its last
             gl.store(ws_ptr + (pid * 2 + slot) * (BLOCK_M * BLOCK_N) + loc, acc)
-            gl.thread_barrier()
+            # every thread's stores GPU-wide before the count (triton_w4a16._fence_gpu says why)
+            gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [pid], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            _cta_barrier()
             q0 = _owner(tile * n_tiles, units, programs, dp, n_tiles)
             q1 = _owner((tile + 1) * n_tiles - 1, units, programs, dp, n_tiles)
             if gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == q1 - q0:
-                gl.thread_barrier()
+                _cta_barrier()
                 total = gl.zeros_like(acc)
                 for q in range(q0, q1 + 1):
                     if q == pid:
@@ -267,7 +275,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                         total += gl.load(ws_ptr + (q * 2 + qs) * (BLOCK_M * BLOCK_N) + loc, cache_modifier=".cg")
                 gl.store(y_ptrs, gl.convert_layout(gl.permute(total.to(gl.float16), (1, 0)), out_l), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
-            gl.thread_barrier()
+            _cta_barrier()
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
 

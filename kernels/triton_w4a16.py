@@ -72,6 +72,7 @@ from klaq.formats.qweight import QuantizedWeight
 from .pdl import launch_kwargs, pdl_enter_rows, pdl_for, pdl_trigger
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FENCE = tl.constexpr(not _INTERPRET)  # _fence_gpu in split-K programs
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
 # Slice i of a tile sits in nibble NIBBLE[i]: slices 2p and 2p + 1 in nibbles p and p + 4, so one
 # shift by 4p and one LOP3 with 0x000F000F put both codes into one half2 (the gemv_h2 kernel).
@@ -184,18 +185,35 @@ def _load(ptrs, mask):
 
 
 @triton.jit
+def _fence_gpu(ON: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread (a no-op unless ``ON``; the interpreter has no asm).
+
+    Before a program counts itself done, each thread's own writes to the split-K workspace must
+    be visible GPU-wide: the barrier after them orders them only within the program, and the
+    counter's release is one thread's, which the CUDA guide promises for that thread's writes
+    alone. Without it a tile's last program sometimes added up a partial with one warp's adds
+    missing (rel err 3e-2 at 14336 x 4096, M = 4, in two H100 runs of bench/kernels.py;
+    bench/splitk_race.py counts it)."""
+    if ON:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.program_id(0)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
     Partials go into a fp32 workspace by atomics; a per-tile counter tells the last arrival, which
     stores the sum in the output dtype and zeroes the workspace tile and the counter again. So a
     call is one launch: no memset before it and no cast after it (each costs about as much as
-    the whole GEMV at small N), and the same kernel replays in a CUDA graph.
+    the whole GEMV at small N), and the same kernel replays in a CUDA graph. Every thread fences
+    its adds before the counter (:func:`_fence_gpu`).
     """
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        _fence_gpu(_FENCE)
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()

@@ -162,3 +162,56 @@ def test_a_gluon_that_cannot_build_falls_back_once(monkeypatch):
     x = torch.randn(24, 576, generator=torch.Generator().manual_seed(1)).half()
     falls_back_once(monkeypatch, "_GLUON", "gemm_wgmma", "wgmma_ok", random_qweight(40, 576, 64, False), x,
                     "wgmma kernel is unavailable")
+
+
+@hopper
+def test_wgmma_shares_repeat_bit_exactly():
+    """6144 x 4096 at M = 256 puts 60 of its 192 tiles in K-halves (the last program adds the other's
+    slot): 200 calls give the same bits, so the last program always sees the other share's stores."""
+    from klaq.kernels.gluon_w4a16 import gemm_wgmma
+
+    w = repack(random_qweight(6144, 4096, 128, False), "cuda")
+    x = torch.randn(256, 4096, generator=torch.Generator().manual_seed(2)).half().cuda()
+    out = torch.stack([gemm_wgmma(x, w) for _ in range(200)])
+    differ = (out != out[0]).flatten(1).any(dim=1)
+    assert int(differ.sum()) == 0, f"{int(differ.sum())} of 200 calls differ from the first"
+
+
+_PTX_CHILD = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from klaq.kernels import gluon_w4a16 as P
+fn = P._gemm_wgmma_kernel
+layout = gl.NVMMASharedLayout.get_default_for([128, 64], gl.float16)
+sig = {"x_desc": f"tensordesc<fp16[128, 64],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16",
+       "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "Kw": "i32", "stride_ym": "i32",
+       "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32", "units": "i32", "dp": "i32"}
+consts = dict(HAS_ZERO=False, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=128, SUB=64, STAGES=6, OUT_VEC=4, OUT_TN=16,
+              num_warps=4)
+sig.update({c: "constexpr" for c in consts})
+k = triton.compile(GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+print(k.asm["ptx"])
+"""
+
+
+def test_shares_fence_their_slot_before_the_count():
+    """In the sm_90 PTX, every thread runs ``fence.acq_rel.gpu`` after storing its share's partial
+    sum to its slot and before the tile's counter is bumped (compiled on CPU, no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _PTX_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    fences = [i for i, s in enumerate(lines) if "fence.acq_rel.gpu" in s]
+    count = [i for i, s in enumerate(lines) if "atom.global" in s and ".add.u32" in s]
+    assert len(fences) == 1 and len(count) == 1 and fences[0] < count[0]
+    slot_stores = [i for i, s in enumerate(lines[:fences[0]]) if "st.global" in s and ".b32" in s]
+    assert slot_stores, "no slot stores before the fence"
+    assert not lines[fences[0]].strip().startswith("@")

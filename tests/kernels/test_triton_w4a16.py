@@ -246,3 +246,73 @@ def test_split_k_leaves_workspace_clean():
         assert torch.equal(first, w4a16_matmul(x, w, kernel=kernel, split=4))
         ws, counters = _WORKSPACES[x.device]
         assert not ws.any() and not counters.any()
+
+
+SPLIT_LAUNCHES = [  # (N, K, M, launch): 2-way splits, so every call adds two partials to zero: order-free
+    (14336, 4096, 4, dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)),
+    (4096, 4096, 16, dict(kernel="gemm", block_m=16, block_n=64, split=2, num_warps=4, num_stages=3)),
+    (4096, 14336, 1, dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("n,k,m,launch", SPLIT_LAUNCHES, ids=lambda v: str(v) if not isinstance(v, dict) else v["kernel"])
+def test_gpu_split_k_calls_repeat_bit_exactly(n, k, m, launch):
+    """Many calls of a large split-K launch give the same bits: each tile's last program sees every
+    partial (``_fence_gpu``; without it, bench/kernels.py once read rel err 3e-2 at 14336 x 4096, M = 4)."""
+    qw = random_qweight(n, k, 128, asym=False)
+    w = repack(qw, DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).half().to(DEVICE)
+    calls = 300
+    out = torch.stack([w4a16_matmul(x, w, pdl=False, **launch) for _ in range(calls)])
+    differ = (out != out[0]).flatten(1).any(dim=1)
+    assert int(differ.sum()) == 0, f"{int(differ.sum())} of {calls} calls differ from the first"
+    assert rel_err(out[0].float().cpu().numpy(), reference_matmul(x.float().cpu().numpy(), qw)) < TOL[torch.float16]
+
+
+_PTX_CHILD = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from klaq.kernels import triton_w4a16 as t
+sig = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32",
+           cnt_ptr="*i32", M="i32", N="i32", K="i32", Kw="i32", stride_xm="i32", stride_ym="i32",
+           group_size="i32", tiles_per_split="i32", n_tiles="i32")
+common = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT=2)
+off = dict(PDL=False, PREFETCH=False, PDL_LATE=False)
+cases = {
+    "gemm": (t._gemm_kernel, dict(common, BLOCK_M=16, BLOCK_N=64, DOT_F32=False, H2=True, PAIR_GROUP=True)),
+    "gemv_h2": (t._gemv_h2_kernel, dict(common, BLOCK_N=8, TILES=2, PAIR_GROUP=True, ASM=True, X_AHEAD=True,
+                                        S_AHEAD=False, EARLY=False, **off)),
+    "gemv": (t._gemv_kernel, dict(common, BLOCK_M=1, BLOCK_N=64, **off)),
+}
+out = {}
+for name, (fn, consts) in cases.items():
+    k = triton.compile(ASTSource(fn, dict(sig, **{c: "constexpr" for c in consts}), consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+    out[name] = k.asm["ptx"]
+print(json.dumps(out))
+"""
+
+
+def test_split_k_threads_fence_their_adds_before_the_count():
+    """In the sm_90 PTX of each split-K kernel, every thread runs ``fence.acq_rel.gpu`` after its
+    workspace adds and before the tile's counter is bumped (compiled on CPU, no GPU needed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _PTX_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, ptx in json.loads(res.stdout.strip().splitlines()[-1]).items():
+        lines = ptx.splitlines()
+        reds = [i for i, s in enumerate(lines) if "red.global" in s and ".f32" in s]
+        fences = [i for i, s in enumerate(lines) if "fence.acq_rel.gpu" in s]
+        count = [i for i, s in enumerate(lines) if "atom.global" in s and ".add.u32" in s]
+        assert reds and len(fences) == 1 and len(count) == 1, name
+        assert max(reds) < fences[0] < count[0], name
+        # unpredicated: every thread fences, not only the one that bumps the counter
+        assert not lines[fences[0]].strip().startswith("@"), name
