@@ -191,9 +191,9 @@ def _fence_gpu(ON: tl.constexpr):
     Before a program counts itself done, each thread's own writes to the split-K workspace must
     be visible GPU-wide: the barrier after them orders them only within the program, and the
     counter's release is one thread's, which the CUDA guide promises for that thread's writes
-    alone. Without it a tile's last program sometimes added up a partial with one warp's adds
-    missing (rel err 3e-2 at 14336 x 4096, M = 4, in two H100 runs of bench/kernels.py;
-    bench/splitk_race.py counts it)."""
+    alone. Not enough by itself: bench/splitk_race.py on an H100 (14336 x 4096, M = 4) counted
+    15 of 400 calls wrong without it and 17 of 400 with it, while the last program read the sums
+    with a plain ``.cg`` load; it now reads them by atomics (:func:`_store_split`)."""
     if ON:
         tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.program_id(0)],
                                   dtype=tl.int32, is_pure=False, pack=1)
@@ -204,10 +204,10 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
     Partials go into a fp32 workspace by atomics; a per-tile counter tells the last arrival, which
-    stores the sum in the output dtype and zeroes the workspace tile and the counter again. So a
-    call is one launch: no memset before it and no cast after it (each costs about as much as
-    the whole GEMV at small N), and the same kernel replays in a CUDA graph. Every thread fences
-    its adds before the counter (:func:`_fence_gpu`).
+    reads the sums by atomics, stores them in the output dtype and zeroes the workspace tile and
+    the counter again. So a call is one launch: no memset before it and no cast after it (each
+    costs about as much as the whole GEMV at small N), and the same kernel replays in a CUDA
+    graph. Every thread fences its adds before the counter (:func:`_fence_gpu`).
     """
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
@@ -217,9 +217,12 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, SPLIT: tl.constexpr):
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
-            total = tl.load(ws_ptrs, mask=mask, cache_modifier=".cg")
+            # read the sums by atomics (adding zero), performed where the adds were: with a plain .cg
+            # load here 15-17 of 400 calls at 14336 x 4096, M = 4 came out wrong on an H100
+            # (bench/results/splitk_race_h100.txt); that this cures it is not yet measured on a GPU
+            total = tl.where(mask, tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed"), 0.0)
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
-            tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
             tl.atomic_xchg(cnt_ptr, 0)
 
 
