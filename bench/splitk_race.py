@@ -4,12 +4,17 @@
 
 A split-K launch's programs add their partial sums into a workspace, and a tile's last program
 reads the sum back (kernels/triton_w4a16.py ``_store_split``; the Hopper ``wgmma`` kernel's shares,
-kernels/gluon_w4a16.py). If a program counts itself done before every thread's writes are visible
-GPU-wide, the reader sometimes misses some of them: ``bench/kernels.py`` read rel err 3e-2 at
-14336 x 4096, M = 4 in two H100 runs. Each case here runs one launch ``--calls`` times on fixed
-inputs and counts the calls whose output is not bit-identical to the majority output (every case is
-order-independent: 2-way splits add two partials to zero, the wgmma shares in program order), and
-the calls whose error against an fp64 reference of the same dequantized weights is above 1e-2.
+kernels/gluon_w4a16.py). ``bench/kernels.py`` read rel err 3e-2 at 14336 x 4096, M = 4 in two H100
+runs, where the other calls read 4e-5: some calls add up a wrong tile. Each case here runs one
+launch ``--calls`` times on fixed inputs and counts the calls whose output is not bit-identical to
+the majority output (every case is order-independent: 2-way splits add two partials to zero, the
+wgmma shares in program order), the calls whose error against an fp64 reference of the same
+dequantized weights is above 1e-2, the first wrong call, and the non-zero words left in the
+split-K workspace and tile counters after the case (they must be all zero between calls).
+
+First run (H100, bench/results/splitk_race_h100.txt): 15 of 400 calls wrong at 14336 x 4096, M = 4
+(``gemm``, 128 rows x 2 splits), 0 in every other case; 17 of 400 with every thread fencing its
+adds before the count. The last program now reads the sums by atomics: not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from klaq.kernels.triton_w4a16 import repack, w4a16_matmul
+from klaq.kernels.triton_w4a16 import _WORKSPACES, repack, w4a16_matmul
 
 # (N, K, M, launch): each a 2-way split (or the wgmma kernel's shares), so the sum is order-free
 CASES = [
@@ -46,7 +51,7 @@ def run_case(n, k, m, cfg, calls: int) -> dict:
     qw = random_weight(n, k)
     w = repack(qw, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    ref = x.double() @ torch.from_numpy(qw.dequantize(np.float16)).cuda().double().T
+    ref = x.double() @ torch.from_numpy(qw.dequantize(np.float16)).to(x.device).double().T
     out = torch.empty((calls, m, n), device="cuda", dtype=torch.float16)
     t0 = time.time()
     for i in range(calls):
@@ -63,9 +68,13 @@ def run_case(n, k, m, cfg, calls: int) -> dict:
     bad = np.flatnonzero(differ.cpu().numpy())
     worst = bad[np.argmax(err[bad])] if len(bad) else None
     tiles_off = 0 if worst is None else int((flat[worst] != base).sum())
+    # split-K's workspace must be all zero between calls; a missed partial that lands after the
+    # last program's read, or a counter left off by one, leaves it dirty (and the next calls wrong)
+    ws, cnt = _WORKSPACES[x.device]
+    dirty = int((ws != 0).sum()) + int((cnt != 0).sum())
     return dict(n=n, k=k, m=m, kernel=cfg["kernel"], calls=calls, differ=len(bad), bad=int((err > 1e-2).sum()),
                 err_typical=float(np.median(err)), err_worst=float(err.max()), elems_off_in_worst=tiles_off,
-                secs=secs)
+                first_bad=int(bad[0]) if len(bad) else -1, dirty=dirty, secs=secs)
 
 
 def main():
@@ -75,13 +84,14 @@ def main():
     args = ap.parse_args()
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.calls} calls per case",
              "| N x K | M | kernel | calls not bit-identical to the majority | calls with rel err > 1e-2 | "
-             "median rel err | worst rel err | elements off in the worst |",
-             "|---|---|---|---|---|---|---|---|"]
+             "median rel err | worst rel err | elements off in the worst | first wrong call | "
+             "non-zero workspace words after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for n, k, m, cfg in CASES:
         r = run_case(n, k, m, cfg, args.calls)
         line = (f"| {n}x{k} | {m} | {r['kernel']} | {r['differ']} | {r['bad']} | {r['err_typical']:.1e} | "
-                f"{r['err_worst']:.1e} | {r['elems_off_in_worst']} |")
+                f"{r['err_worst']:.1e} | {r['elems_off_in_worst']} | {r['first_bad']} | {r['dirty']} |")
         print(line, flush=True)
         lines.append(line)
     if args.out:
