@@ -14,7 +14,9 @@ split-K workspace and tile counters after the case (they must be all zero betwee
 
 First run (H100, bench/results/splitk_race_h100.txt): 15 of 400 calls wrong at 14336 x 4096, M = 4
 (``gemm``, 128 rows x 2 splits), 0 in every other case; 17 of 400 with every thread fencing its
-adds before the count. The last program now reads the sums by atomics: not yet run on a GPU.
+adds before the count. The last program now reads the sums by atomics, and ``w4a16_matmul`` pads a
+split-K launch's partly filled row tile with zero rows (so M = 4 runs as M = 16 did): neither yet
+run on a GPU; this script goes through ``w4a16_matmul``, so it measures the padded launch.
 """
 
 from __future__ import annotations

@@ -990,6 +990,13 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     tps = -(-w.n_tiles // split)
     tps = -(-tps // step) * step  # whole steps per split
     split = -(-w.n_tiles // tps)  # no empty programs
+    rows = m
+    if split > 1 and kind in ("gemv", "gemm", "gemm_swap") and m % cfg["block_m"]:
+        # Split-K over a partly filled row tile: zero rows fill it. On an H100 14336 x 4096 at M = 4
+        # (16-row tiles) gave 15-17 wrong calls in 400 and M = 16 with the same launch none
+        # (bench/results/splitk_race_h100.txt); the two builds differ only in their row masks.
+        x2 = torch.cat([x2, x2.new_zeros(-m % cfg["block_m"], k)])
+        m = x2.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and bool(prefetch), PDL_LATE=use_pdl and bool(pdl_late),
                     **launch_kwargs(use_pdl))
@@ -1017,7 +1024,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)
         kern = _gemm_kernel if kind == "gemm" else _gemm_swap_kernel
         kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=use_h2, PAIR_GROUP=pair_group, **meta)
-    return y.reshape(*lead, n)
+    return y[:rows].reshape(*lead, n)
 
 
 _SCRATCH: dict = {}

@@ -319,3 +319,28 @@ def test_split_k_threads_fence_their_adds_before_the_count():
         assert adds and reads and max(adds) < fences[0] < count[0], name
         # unpredicated: every thread fences, not only the one that bumps the counter
         assert not lines[fences[0]].strip().startswith("@"), name
+
+
+def test_split_k_fills_a_partial_row_tile_with_zero_rows(monkeypatch):
+    """A split-K GEMM whose M leaves its row tile partly empty runs on zero rows padded to the tile
+    (the M = 4 race, bench/results/splitk_race_h100.txt) and returns the M rows asked for; without
+    split-K, or with M a whole number of tiles, x goes in as it is."""
+    from klaq.kernels import triton_w4a16
+
+    real, seen = triton_w4a16._gemm_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((args[7], kw["BLOCK_M"], kw["SPLIT"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_w4a16, "_gemm_kernel", Spy())
+    qw = random_qweight(40, 576, 64, asym=False)
+    w = repack(qw, DEVICE)
+    for m, split, launched in [(3, 2, (16, 16, 2)), (3, 1, (3, 16, 1)), (16, 2, (16, 16, 2))]:
+        x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).half()
+        y = w4a16_matmul(x.to(DEVICE), w, kernel="gemm", block_m=16, block_n=32, split=split)
+        assert seen.pop() == launched and y.shape == (m, 40)
+        assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < TOL[torch.float16]
