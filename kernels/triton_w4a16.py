@@ -994,7 +994,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if split > 1 and kind in ("gemv", "gemm", "gemm_swap") and m % cfg["block_m"]:
         # Split-K over a partly filled row tile: zero rows fill it. On an H100 14336 x 4096 at M = 4
         # (16-row tiles) gave 15-17 wrong calls in 400 and M = 16 with the same launch none
-        # (bench/results/splitk_race_h100.txt); the two builds differ only in their row masks.
+        # (bench/results/splitk_race_h100.txt); the two builds differ only in row masks and offsets.
         x2 = torch.cat([x2, x2.new_zeros(-m % cfg["block_m"], k)])
         m = x2.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
