@@ -22,12 +22,16 @@ run on a GPU; this script goes through ``w4a16_matmul``, so it measures the padd
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from klaq.kernels.triton_w4a16 import _WORKSPACES, repack, w4a16_matmul
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import random_qweight  # noqa: E402
+from klaq.kernels.triton_w4a16 import _WORKSPACES, repack, w4a16_matmul  # noqa: E402
 
 # (N, K, M, launch): each a 2-way split (or the wgmma kernel's shares), so the sum is order-free
 CASES = [
@@ -40,17 +44,8 @@ CASES = [
 ]
 
 
-def random_weight(n: int, k: int, seed: int = 0):
-    from klaq.formats.qweight import QuantizedWeight
-
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    scales = (rng.random((n, k // 128)) * 0.02 + 0.001).astype(np.float16)
-    return QuantizedWeight(codes, scales, None, 4, 128)
-
-
 def run_case(n, k, m, cfg, calls: int) -> dict:
-    qw = random_weight(n, k)
+    qw = random_qweight(n, k)
     w = repack(qw, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ref = x.double() @ torch.from_numpy(qw.dequantize(np.float16)).to(x.device).double().T

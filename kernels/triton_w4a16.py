@@ -73,6 +73,8 @@ from .pdl import launch_kwargs, pdl_enter_rows, pdl_for, pdl_trigger
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FENCE = tl.constexpr(not _INTERPRET)  # _fence_gpu in split-K programs
+# fence.acq_rel.gpu as an elementwise asm (its dummy output a copy of the input), in every thread
+_FENCE_PTX = tl.constexpr("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;")
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
 # Slice i of a tile sits in nibble NIBBLE[i]: slices 2p and 2p + 1 in nibbles p and p + 4, so one
 # shift by 4p and one LOP3 with 0x000F000F put both codes into one half2 (the gemv_h2 kernel).
@@ -195,8 +197,7 @@ def _fence_gpu(ON: tl.constexpr):
     15 of 400 calls wrong without it and 17 of 400 with it, while the last program read the sums
     with a plain ``.cg`` load; it now reads them by atomics (:func:`_store_split`)."""
     if ON:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.program_id(0)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

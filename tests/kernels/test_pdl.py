@@ -6,16 +6,12 @@ On a GPU: a dependent chain of GEMVs replayed as a CUDA graph with PDL gives bit
 outputs of the same chain run eagerly without it (split-K atomics and all three GEMVs included).
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from w4_helpers import HAS_CUDA, random_qweight
+from w4_helpers import HAS_CUDA, W4_SIG, ptx_for_sm90, random_qweight
 
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
@@ -67,13 +63,7 @@ def test_on_by_compute_capability(monkeypatch):
     assert pdl.pdl_enabled("cuda") == (torch.cuda.get_device_capability()[0] >= 9)
 
 
-# -- compiled for sm_90 on any machine ---------------------------------------------------------
-# In a subprocess: without a GPU the root conftest turns on Triton's interpreter, whose kernels
-# cannot be compiled; the child runs without it, builds PTX for sm_90 and sends it back as JSON.
-
-_W4_SIG = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32",
-               cnt_ptr="*i32", M="i32", N="i32", K="i32", Kw="i32", stride_xm="i32", stride_ym="i32",
-               group_size="i32", tiles_per_split="i32", n_tiles="i32")
+# compiled for sm_90 on any machine (w4_helpers.ptx_for_sm90)
 _COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False)
 W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
     "gemv_h2": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=8, TILES=2, SPLIT=1, PAIR_GROUP=True, ASM=True,
@@ -104,38 +94,18 @@ OPS_CASES = {  # name: (kernel in klaq.runtime.triton_ops, signature, constexprs
                          dict(H=9, GROUP=3, D=64, BLOCK_D=64, BLOCK_N=128, LOCAL=True)),
     "act_mul": ("_act_mul_kernel", dict(gu_ptr="*fp16", out_ptr="*fp16", F="i32"), dict(GELU=True, BLOCK=1024)),
 }
-_CHILD = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from klaq.kernels import triton_w4a16
-from klaq.runtime import triton_ops
-out = {}
-for key, module, name, sig, consts in json.loads(sys.stdin.read()):
-    fn = getattr({"w4": triton_w4a16, "ops": triton_ops}[module], name)
-    sig = dict(sig, **{k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, num_stages=1))
-    out[key] = k.asm["ptx"]
-print(json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
 def sm90_ptx():
     """PTX for sm_90 of every case, with PDL (and the prefetch on and off for the GEMVs), plus gemv_h2
     without PDL."""
-    jobs = [(f"{name} prefetch={p} late={late}", "w4", fn, _W4_SIG, dict(c, PDL=True, PREFETCH=p, PDL_LATE=late))
+    jobs = [(f"{name} prefetch={p} late={late}", "w4", fn, W4_SIG, dict(c, PDL=True, PREFETCH=p, PDL_LATE=late))
             for name, (fn, c) in W4_CASES.items() for p in (True, False) for late in (False, True)]
     fn, c = W4_CASES["gemv_h2"]
-    jobs.append(("gemv_h2 off", "w4", fn, _W4_SIG, dict(c, PDL=False, PREFETCH=True, PDL_LATE=True)))
+    jobs.append(("gemv_h2 off", "w4", fn, W4_SIG, dict(c, PDL=False, PREFETCH=True, PDL_LATE=True)))
     jobs += [(name, "ops", fn, sig, dict(c, PDL=True)) for name, (fn, sig, c) in OPS_CASES.items()]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs), capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return ptx_for_sm90(jobs)
 
 
 _REG = re.compile(r"%[a-z]+\d+")

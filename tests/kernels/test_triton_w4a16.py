@@ -6,7 +6,7 @@ the GPU cases add the big and ragged shapes.
 
 import numpy as np
 import pytest
-from w4_helpers import HAS_CUDA, random_qweight, rel_err
+from w4_helpers import HAS_CUDA, W4_SIG, ptx_for_sm90, random_qweight, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -270,45 +270,22 @@ def test_gpu_split_k_calls_repeat_bit_exactly(n, k, m, launch):
     assert rel_err(out[0].float().cpu().numpy(), reference_matmul(x.float().cpu().numpy(), qw)) < TOL[torch.float16]
 
 
-_PTX_CHILD = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from klaq.kernels import triton_w4a16 as t
-sig = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32",
-           cnt_ptr="*i32", M="i32", N="i32", K="i32", Kw="i32", stride_xm="i32", stride_ym="i32",
-           group_size="i32", tiles_per_split="i32", n_tiles="i32")
-common = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT=2)
-off = dict(PDL=False, PREFETCH=False, PDL_LATE=False)
-cases = {
-    "gemm": (t._gemm_kernel, dict(common, BLOCK_M=16, BLOCK_N=64, DOT_F32=False, H2=True, PAIR_GROUP=True)),
-    "gemv_h2": (t._gemv_h2_kernel, dict(common, BLOCK_N=8, TILES=2, PAIR_GROUP=True, ASM=True, X_AHEAD=True,
-                                        S_AHEAD=False, EARLY=False, **off)),
-    "gemv": (t._gemv_kernel, dict(common, BLOCK_M=1, BLOCK_N=64, **off)),
+_SPLIT_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT=2)
+_PDL_OFF = dict(PDL=False, PREFETCH=False, PDL_LATE=False)
+SPLIT_KERNELS = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs), each with split-K
+    "gemm": ("_gemm_kernel", dict(_SPLIT_COMMON, BLOCK_M=16, BLOCK_N=64, DOT_F32=False, H2=True, PAIR_GROUP=True)),
+    "gemv_h2": ("_gemv_h2_kernel", dict(_SPLIT_COMMON, BLOCK_N=8, TILES=2, PAIR_GROUP=True, ASM=True, X_AHEAD=True,
+                                        S_AHEAD=False, EARLY=False, **_PDL_OFF)),
+    "gemv": ("_gemv_kernel", dict(_SPLIT_COMMON, BLOCK_M=1, BLOCK_N=64, **_PDL_OFF)),
 }
-out = {}
-for name, (fn, consts) in cases.items():
-    k = triton.compile(ASTSource(fn, dict(sig, **{c: "constexpr" for c in consts}), consts),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
-    out[name] = k.asm["ptx"]
-print(json.dumps(out))
-"""
 
 
 def test_split_k_threads_fence_their_adds_before_the_count():
     """In the sm_90 PTX of each split-K kernel, every thread runs ``fence.acq_rel.gpu`` after its
     workspace adds and before the tile's counter is bumped, and the last program reads the sums by
     atomics, not loads (compiled on CPU, no GPU needed)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _PTX_CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for name, ptx in json.loads(res.stdout.strip().splitlines()[-1]).items():
+    ptxs = ptx_for_sm90([(name, "w4", fn, W4_SIG, consts) for name, (fn, consts) in SPLIT_KERNELS.items()])
+    for name, ptx in ptxs.items():
         lines = ptx.splitlines()
         reds = [i for i, s in enumerate(lines) if ("red.global" in s or "atom.global" in s) and ".add.f32" in s]
         fences = [i for i, s in enumerate(lines) if "fence.acq_rel.gpu" in s]

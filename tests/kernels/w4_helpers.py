@@ -1,5 +1,9 @@
 """Shared helpers for the kernel tests (a plain module: conftest names clash across folders)."""
 
+import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,3 +56,43 @@ def falls_back_once(monkeypatch, slot: str, kernel: str, ok: str, qw: QuantizedW
     assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
     triton_w4a16.w4a16_matmul(x.to(device), w)
     assert len(calls) == 1 and getattr(triton_w4a16, slot) == [None]
+
+
+# -- compiled for sm_90 on any machine ---------------------------------------------------------
+# In a subprocess: without a GPU the root conftest turns on Triton's interpreter, whose kernels
+# cannot be compiled; the child runs without it, builds PTX for sm_90 and sends it back as JSON.
+
+W4_SIG = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32",
+              cnt_ptr="*i32", M="i32", N="i32", K="i32", Kw="i32", stride_xm="i32", stride_ym="i32",
+              group_size="i32", tiles_per_split="i32", n_tiles="i32")  # triton_w4a16's kernels
+_CHILD = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from klaq.kernels import triton_w4a16
+from klaq.runtime import triton_ops
+out = {}
+for key, module, name, sig, consts in json.loads(sys.stdin.read()):
+    fn = getattr({"w4": triton_w4a16, "ops": triton_ops}[module], name)
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=1))
+    out[key] = k.asm["ptx"]
+print(json.dumps(out))
+"""
+
+
+def without_interpreter(code: str, stdin: str = "") -> str:
+    """Run ``python -c code`` without ``TRITON_INTERPRET`` and return what it printed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def ptx_for_sm90(jobs: list) -> dict:
+    """PTX for sm_90 by job key; a job is ``(key, module, kernel, signature, constexprs)`` with module
+    ``"w4"`` (klaq.kernels.triton_w4a16) or ``"ops"`` (klaq.runtime.triton_ops)."""
+    return json.loads(without_interpreter(_CHILD, json.dumps(jobs)).strip().splitlines()[-1])
