@@ -31,28 +31,46 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import random_qweight  # noqa: E402
-from klaq.kernels.triton_w4a16 import _WORKSPACES, repack, w4a16_matmul  # noqa: E402
+from klaq.kernels import triton_w4a16  # noqa: E402
+from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 
-# (N, K, M, launch): each a 2-way split (or the wgmma kernel's shares), so the sum is order-free
+_GEMM = dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)
+# (N, K, M, launch, row mode): each a 2-way split (or the wgmma kernel's shares), so the sum is
+# order-free; the row mode is triton_w4a16._SPLIT_ROWS for the call ("tile" is the default)
 CASES = [
-    (14336, 4096, 4, dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)),
-    (14336, 4096, 16, dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)),
-    (4096, 4096, 16, dict(kernel="gemm", block_m=16, block_n=64, split=2, num_warps=4, num_stages=3)),
-    (4096, 14336, 1, dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1)),
-    (4096, 14336, 1, dict(kernel="gemv", block_m=1, block_n=64, split=2, num_warps=4, num_stages=1)),
-    (6144, 4096, 256, dict(kernel="wgmma")),  # 192 tiles: 60 of them in K-halves (shares)
+    (14336, 4096, 4, _GEMM, "tile"),
+    (14336, 4096, 4, _GEMM, "masked"),
+    (14336, 4096, 4, _GEMM, "pad"),
+    (14336, 4096, 4, dict(_GEMM, split=1), "masked"),  # no split-K: is the product itself repeatable?
+    (14336, 4096, 4, dict(_GEMM, num_stages=1), "masked"),
+    (14336, 4096, 8, _GEMM, "tile"),
+    (14336, 4096, 8, _GEMM, "masked"),
+    (14336, 4096, 3, dict(kernel="gemv", block_n=64, split=2, num_warps=4, num_stages=1), "tile"),
+    (14336, 4096, 3, dict(kernel="gemv", block_n=64, split=2, num_warps=4, num_stages=1), "masked"),
+    (14336, 4096, 16, _GEMM, "tile"),
+    (4096, 4096, 16, dict(_GEMM, block_n=64), "tile"),
+    (4096, 14336, 1, dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1), "tile"),
+    (4096, 14336, 1, dict(kernel="gemv", block_m=1, block_n=64, split=2, num_warps=4, num_stages=1), "tile"),
+    (6144, 4096, 256, dict(kernel="wgmma"), "tile"),  # 192 tiles: 60 of them in K-halves (shares)
 ]
 
 
-def run_case(n, k, m, cfg, calls: int) -> dict:
+def run_case(n, k, m, cfg, mode, calls: int) -> dict:
+    triton_w4a16._SPLIT_ROWS = mode
+    triton_w4a16._WORKSPACES.clear()  # each case starts from a fresh zeroed workspace
     qw = random_qweight(n, k)
     w = repack(qw, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ref = x.double() @ torch.from_numpy(qw.dequantize(np.float16)).to(x.device).double().T
     out = torch.empty((calls, m, n), device="cuda", dtype=torch.float16)
+    w4a16_matmul(x, w, pdl=False, **cfg)  # allocates the workspace
+    torch.cuda.synchronize()
+    ws, cnt = triton_w4a16._WORKSPACES[x.device]
+    dirty = torch.zeros(calls, device="cuda", dtype=torch.int64)  # non-zero words after each call
     t0 = time.time()
     for i in range(calls):
         out[i] = w4a16_matmul(x, w, pdl=False, **cfg)
+        dirty[i] = (ws != 0).sum() + (cnt != 0).sum()
     torch.cuda.synchronize()
     secs = time.time() - t0
     flat = out.view(calls, -1)
@@ -64,14 +82,18 @@ def run_case(n, k, m, cfg, calls: int) -> dict:
     err = np.array([((o.double() - ref).norm() / ref.norm()).item() for o in out])
     bad = np.flatnonzero(differ.cpu().numpy())
     worst = bad[np.argmax(err[bad])] if len(bad) else None
-    tiles_off = 0 if worst is None else int((flat[worst] != base).sum())
-    # split-K's workspace must be all zero between calls; a missed partial that lands after the
-    # last program's read, or a counter left off by one, leaves it dirty (and the next calls wrong)
-    ws, cnt = _WORKSPACES[x.device]
-    dirty = int((ws != 0).sum()) + int((cnt != 0).sum())
-    return dict(n=n, k=k, m=m, kernel=cfg["kernel"], calls=calls, differ=len(bad), bad=int((err > 1e-2).sum()),
-                err_typical=float(np.median(err)), err_worst=float(err.max()), elems_off_in_worst=tiles_off,
-                first_bad=int(bad[0]) if len(bad) else -1, dirty=dirty, secs=secs)
+    where = ""
+    if worst is not None:  # which rows and which 32-column slices (one warp's share of a 128-wide tile)
+        off = (out[worst] != base.view(m, n)).nonzero().cpu().numpy()
+        where = (f"rows {sorted(set(off[:, 0].tolist()))}, {len(set((off[:, 1] // 32).tolist()))} slices of 32 "
+                 f"columns, first at column {off[0, 1]}")
+    dirty = dirty.cpu().numpy()
+    return dict(n=n, k=k, m=m, kernel=cfg["kernel"], mode=mode, split=cfg.get("split", "-"),
+                stages=cfg.get("num_stages", "-"), calls=calls, differ=len(bad), bad=int((err > 1e-2).sum()),
+                err_typical=float(np.median(err)), err_worst=float(err.max()),
+                elems_off_in_worst=0 if worst is None else int((flat[worst] != base).sum()), where=where,
+                first_bad=int(bad[0]) if len(bad) else -1, dirty_calls=int((dirty > 0).sum()),
+                first_dirty=int(np.flatnonzero(dirty)[0]) if dirty.any() else -1, secs=secs)
 
 
 def main():
@@ -80,15 +102,16 @@ def main():
     ap.add_argument("--out", help="also write the lines here")
     args = ap.parse_args()
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.calls} calls per case",
-             "| N x K | M | kernel | calls not bit-identical to the majority | calls with rel err > 1e-2 | "
-             "median rel err | worst rel err | elements off in the worst | first wrong call | "
-             "non-zero workspace words after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| N x K | M | kernel | split | stages | rows past M | calls not bit-identical to the majority | "
+             "calls with rel err > 1e-2 | median rel err | worst rel err | elements off in the worst | "
+             "where | first wrong call | calls leaving the workspace dirty | first |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for n, k, m, cfg in CASES:
-        r = run_case(n, k, m, cfg, args.calls)
-        line = (f"| {n}x{k} | {m} | {r['kernel']} | {r['differ']} | {r['bad']} | {r['err_typical']:.1e} | "
-                f"{r['err_worst']:.1e} | {r['elems_off_in_worst']} | {r['first_bad']} | {r['dirty']} |")
+    for n, k, m, cfg, mode in CASES:
+        r = run_case(n, k, m, cfg, mode, args.calls)
+        line = (f"| {n}x{k} | {m} | {r['kernel']} | {r['split']} | {r['stages']} | {mode} | {r['differ']} | "
+                f"{r['bad']} | {r['err_typical']:.1e} | {r['err_worst']:.1e} | {r['elems_off_in_worst']} | "
+                f"{r['where']} | {r['first_bad']} | {r['dirty_calls']} | {r['first_dirty']} |")
         print(line, flush=True)
         lines.append(line)
     if args.out:

@@ -77,7 +77,7 @@ W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
                                                            EARLY=True)),
     "gemv_wide": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1, EARLY=False)),
     "gemv_wide early": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1, EARLY=True)),
-    "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4)),
+    "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4, WS_ROW_MASK=False)),
 }
 OPS_CASES = {  # name: (kernel in klaq.runtime.triton_ops, signature, constexprs)
     "add_rmsnorm": ("_add_rmsnorm_kernel", dict(x_ptr="*fp32", d_ptr="*fp16", pw_ptr="*fp32", w_ptr="*fp32",
