@@ -35,28 +35,35 @@ from klaq.kernels import triton_w4a16  # noqa: E402
 from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 
 _GEMM = dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)
-# (N, K, M, launch, row mode): each a 2-way split (or the wgmma kernel's shares), so the sum is
-# order-free; the row mode is triton_w4a16._SPLIT_ROWS for the call ("tile" is the default)
+_GEMV3 = dict(kernel="gemv", block_n=64, split=2, num_warps=4, num_stages=1)
+_H2 = dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1)
+# (N, K, M, launch, how): how = triton_w4a16._SPLIT_SUM for the call ("slots" is the default). The
+# atomic cases are 2-way splits (two partials added to zero: order-free), as are the wgmma shares
+# (added in program order); "slots" adds in split order, so any split must repeat bit-exactly
 CASES = [
-    (14336, 4096, 4, _GEMM, "tile"),
-    (14336, 4096, 4, _GEMM, "masked"),
+    (14336, 4096, 4, _GEMM, "slots"),
+    (14336, 4096, 4, _GEMM, "atomic"),
+    (14336, 4096, 4, _GEMM, "atomic_masked"),
     (14336, 4096, 4, _GEMM, "pad"),
-    (14336, 4096, 4, dict(_GEMM, split=1), "masked"),  # no split-K: is the product itself repeatable?
-    (14336, 4096, 4, dict(_GEMM, num_stages=1), "masked"),
-    (14336, 4096, 8, _GEMM, "tile"),
-    (14336, 4096, 8, _GEMM, "masked"),
-    (14336, 4096, 3, dict(kernel="gemv", block_n=64, split=2, num_warps=4, num_stages=1), "tile"),
-    (14336, 4096, 3, dict(kernel="gemv", block_n=64, split=2, num_warps=4, num_stages=1), "masked"),
-    (14336, 4096, 16, _GEMM, "tile"),
-    (4096, 4096, 16, dict(_GEMM, block_n=64), "tile"),
-    (4096, 14336, 1, dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1), "tile"),
-    (4096, 14336, 1, dict(kernel="gemv", block_m=1, block_n=64, split=2, num_warps=4, num_stages=1), "tile"),
-    (6144, 4096, 256, dict(kernel="wgmma"), "tile"),  # 192 tiles: 60 of them in K-halves (shares)
+    (14336, 4096, 4, dict(_GEMM, split=1), "slots"),  # no split-K: is the product itself repeatable?
+    (14336, 4096, 4, dict(_GEMM, num_stages=1), "atomic_masked"),
+    (14336, 4096, 8, _GEMM, "slots"),
+    (14336, 4096, 8, _GEMM, "atomic_masked"),
+    (14336, 4096, 3, _GEMV3, "slots"),
+    (14336, 4096, 3, _GEMV3, "atomic_masked"),
+    (14336, 4096, 16, _GEMM, "slots"),
+    (14336, 4096, 16, _GEMM, "atomic"),
+    (4096, 4096, 16, dict(_GEMM, block_n=64, split=4), "slots"),
+    (4096, 14336, 1, _H2, "slots"),
+    (4096, 14336, 1, dict(_H2, split=4), "slots"),
+    (4096, 14336, 1, _H2, "atomic"),
+    (4096, 14336, 1, dict(kernel="gemv", block_m=1, block_n=64, split=2, num_warps=4, num_stages=1), "slots"),
+    (6144, 4096, 256, dict(kernel="wgmma"), "slots"),  # 192 tiles: 60 of them in K-halves (shares)
 ]
 
 
 def run_case(n, k, m, cfg, mode, calls: int) -> dict:
-    triton_w4a16._SPLIT_ROWS = mode
+    triton_w4a16._SPLIT_SUM = mode
     triton_w4a16._WORKSPACES.clear()  # each case starts from a fresh zeroed workspace
     qw = random_qweight(n, k)
     w = repack(qw, "cuda")
@@ -66,7 +73,9 @@ def run_case(n, k, m, cfg, mode, calls: int) -> dict:
     w4a16_matmul(x, w, pdl=False, **cfg)  # allocates the workspace
     torch.cuda.synchronize()
     ws, cnt = triton_w4a16._WORKSPACES[x.device]
-    dirty = torch.zeros(calls, device="cuda", dtype=torch.int64)  # non-zero words after each call
+    # non-zero counters after each call (and workspace words: the atomic modes zero it, slots do not)
+    dirty = torch.zeros(calls, device="cuda", dtype=torch.int64)
+    ws = ws if mode != "slots" else ws[:0]
     t0 = time.time()
     for i in range(calls):
         out[i] = w4a16_matmul(x, w, pdl=False, **cfg)
@@ -102,7 +111,7 @@ def main():
     ap.add_argument("--out", help="also write the lines here")
     args = ap.parse_args()
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.calls} calls per case",
-             "| N x K | M | kernel | split | stages | rows past M | calls not bit-identical to the majority | "
+             "| N x K | M | kernel | split | stages | sum | calls not bit-identical to the majority | "
              "calls with rel err > 1e-2 | median rel err | worst rel err | elements off in the worst | "
              "where | first wrong call | calls leaving the workspace dirty | first |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

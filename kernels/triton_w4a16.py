@@ -201,17 +201,38 @@ def _fence_gpu(ON: tl.constexpr):
 
 
 @triton.jit
-def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, SPLIT: tl.constexpr):
+def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, slot, SPLIT: tl.constexpr,
+                 SPLIT_SUM: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
-    Partials go into a fp32 workspace by atomics; a per-tile counter tells the last arrival, which
-    reads the sums by atomics, stores them in the output dtype and zeroes the workspace tile and
-    the counter again. So a call is one launch: no memset before it and no cast after it (each
-    costs about as much as the whole GEMV at small N), and the same kernel replays in a CUDA
-    graph. Every thread fences its adds before the counter (:func:`_fence_gpu`).
+    ``SPLIT_SUM == "slots"`` (the default): each program stores its partial sums, fp32, in a slot
+    of its own (``ws_ptrs + pid_k * slot``) with plain stores; a per-tile counter tells the last
+    arrival, which adds the slots in split order (so every call gives the same bits, whatever the
+    order of arrival), stores y and resets the counter. ``"atomic"``: the partials are added into
+    one workspace tile by fp32 atomics, which the last program reads (by atomics) and zeroes;
+    ``"atomic_masked"`` as before, with the workspace masked by row too. Either way a call is one
+    launch: no memset before it and no cast after it (each costs about as much as the whole GEMV
+    at small N), and the same kernel replays in a CUDA graph. Every thread fences its writes before
+    the counter (:func:`_fence_gpu`). ``ws_mask`` covers every row of the tile (rows past M repeat
+    row M - 1 and are never stored to y) except with ``"atomic_masked"``.
     """
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+    elif SPLIT_SUM == "slots":
+        pid_k = tl.program_id(1)
+        tl.store(ws_ptrs + pid_k * slot, acc, mask=ws_mask)
+        _fence_gpu(_FENCE)
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
+            tl.debug_barrier()
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT):
+                if s == pid_k:
+                    total += acc
+                else:
+                    total += tl.load(ws_ptrs + s * slot, mask=ws_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr, 0)
     else:
         tl.atomic_add(ws_ptrs, acc, mask=ws_mask, sem="relaxed")
         _fence_gpu(_FENCE)
@@ -220,7 +241,7 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, SPLIT: tl.constex
             tl.debug_barrier()
             # read the sums by atomics (adding zero), performed where the adds were: with a plain .cg
             # load here 15-17 of 400 calls at 14336 x 4096, M = 4 came out wrong on an H100
-            # (bench/results/splitk_race_h100.txt); that this cures it is not yet measured on a GPU
+            # (bench/results/splitk_race_h100.txt)
             total = tl.where(ws_mask, tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=ws_mask, sem="relaxed"), 0.0)
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
             tl.store(ws_ptrs, tl.zeros_like(acc), mask=ws_mask)
@@ -232,7 +253,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
                  group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                 PDL_LATE: tl.constexpr = False, WS_ROW_MASK: tl.constexpr = False):
+                 PDL_LATE: tl.constexpr = False, SPLIT_SUM: tl.constexpr = "slots"):
     # Every tensor is [BLOCK_M, BLOCK_N, SUB] and loaded with that shape (x through a broadcast
     # pointer: redundant lanes hit L1), so all share one register layout and nothing goes through
     # shared memory. Products accumulate elementwise; the one reduction over K is at the end (a
@@ -271,10 +292,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     m2 = tl.arange(0, BLOCK_M)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
-    ws_mask = mask  # rows past M too, unless WS_ROW_MASK (see _SPLIT_ROWS)
-    if not WS_ROW_MASK:
+    ws_mask = mask  # every row of the tile, unless "atomic_masked"
+    if SPLIT_SUM != "atomic_masked":
         ws_mask = (m2 >= 0) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, ws_mask, SPLIT)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, ws_mask,
+                 BLOCK_M * N, SPLIT, SPLIT_SUM)
 
 
 def _dequant_ptx(sym: bool, word: str, scale: str, neg_offset: str) -> str:
@@ -459,7 +481,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                     TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                     PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True, X_AHEAD: tl.constexpr = False,
                     S_AHEAD: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                    PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False):
+                    PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False,
+                    SPLIT_SUM: tl.constexpr = "slots"):
     # M = 1, fp16 activations. Each step takes TILES K-tiles of BLOCK_N rows ([BLOCK_N, TILES, SUB]
     # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
     # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
@@ -584,7 +607,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, mask, SPLIT)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, mask, N, SPLIT,
+                 SPLIT_SUM)
 
 
 @triton.jit
@@ -629,7 +653,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
                  group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                  DOT_F32: tl.constexpr = False, H2: tl.constexpr = False, PAIR_GROUP: tl.constexpr = False,
-                 WS_ROW_MASK: tl.constexpr = False):
+                 SPLIT_SUM: tl.constexpr = "slots"):
     # H2 (fp16 activations, not the interpreter): the weight dequantized two slices at a time in
     # half2 (_DQ_SYM / _DQ_ASYM), the same fp16 weights as the fp32 path (one rounding of q*s - o).
     pid = tl.program_id(0)
@@ -668,10 +692,11 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    ws_mask = mask  # rows past M too, unless WS_ROW_MASK (see _SPLIT_ROWS)
-    if not WS_ROW_MASK:
+    ws_mask = mask  # every row of the tile, unless "atomic_masked"
+    if SPLIT_SUM != "atomic_masked":
         ws_mask = (offs_m >= 0)[:, None] & (offs_n < N)[None, :]
-    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, mask, ws_mask, SPLIT)
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, mask, ws_mask, tl.cdiv(M, BLOCK_M) * BLOCK_M * N, SPLIT,
+                 SPLIT_SUM)
 
 
 @triton.jit
@@ -679,7 +704,8 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                       TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                      PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False):
+                      PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False,
+                    SPLIT_SUM: tl.constexpr = "slots"):
     # M = 1 only. Like _gemv_kernel, but each step loads TILES K-tiles of BLOCK_N rows at once
     # ([BLOCK_N, TILES, SUB] words): more bytes in flight per program, so few programs (small N,
     # no split-K) still keep enough loads outstanding to cover DRAM latency.
@@ -711,7 +737,8 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, mask, SPLIT)
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, mask, N, SPLIT,
+                 SPLIT_SUM)
 
 
 @triton.jit
@@ -729,7 +756,7 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                       DOT_F32: tl.constexpr = False, H2: tl.constexpr = False,
-                      PAIR_GROUP: tl.constexpr = False, WS_ROW_MASK: tl.constexpr = False):
+                      PAIR_GROUP: tl.constexpr = False, SPLIT_SUM: tl.constexpr = "slots"):
     # Y^T = W X^T: the dequantized weight slice [BLOCK_N, SUB] is the *left* operand. On Hopper the
     # left wgmma operand may come from registers (the right one must sit in shared memory), so the
     # freshly dequantized weight goes straight into the tensor core and only x is staged; weight
@@ -772,10 +799,11 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    ws_mask = mask  # rows past M too, unless WS_ROW_MASK (see _SPLIT_ROWS)
-    if not WS_ROW_MASK:
+    ws_mask = mask  # every row of the tile, unless "atomic_masked"
+    if SPLIT_SUM != "atomic_masked":
         ws_mask = (offs_m >= 0)[:, None] & (offs_n < N)[None, :]
-    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, mask, ws_mask, SPLIT)
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, mask, ws_mask, tl.cdiv(M, BLOCK_M) * BLOCK_M * N, SPLIT,
+                 SPLIT_SUM)
 
 
 @triton.jit
@@ -1002,7 +1030,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     tps = -(-tps // step) * step  # whole steps per split
     split = -(-w.n_tiles // tps)  # no empty programs
     rows = m
-    if split > 1 and _SPLIT_ROWS == "pad" and kind in ("gemv", "gemm", "gemm_swap") and m % cfg["block_m"]:
+    if split > 1 and _SPLIT_SUM == "pad" and kind in ("gemv", "gemm", "gemm_swap") and m % cfg["block_m"]:
         x2 = torch.cat([x2, x2.new_zeros(-m % cfg["block_m"], k)])  # diagnosis only (bench/splitk_race.py)
         m = x2.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -1010,20 +1038,20 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
                     **launch_kwargs(use_pdl))
     use_early = early_words(early, use_pdl, cfg)
     tiles_out = triton.cdiv(n, cfg["block_n"]) * (1 if gemv else triton.cdiv(m, cfg["block_m"]))
-    # split-K adds whole row tiles into the workspace, rows past M too (see _SPLIT_ROWS)
+    # split-K's workspace holds whole row tiles (rows past M too), one per split with "slots" (_SPLIT_SUM)
     ws_rows = triton.cdiv(m, cfg["block_m"]) * cfg["block_m"] if kind in ("gemv", "gemm", "gemm_swap") else m
-    ws, counters = _workspace(x.device, ws_rows * n if split > 1 else 0, tiles_out)
+    slots = split if _SPLIT_SUM == "slots" else 1
+    ws, counters = _workspace(x.device, slots * ws_rows * n if split > 1 else 0, tiles_out)
     offsets = w.offsets if w.offsets is not None else w.scales  # unused when symmetric
     args = (x2, w.qweight, w.scales, offsets, y, ws, counters, m, n, k, w.qweight.shape[1], x2.stride(0),
             y.stride(0), w.group_size, tps, w.n_tiles)
     meta = dict(HAS_ZERO=w.offsets is not None, EVEN_K=k % w.block_k == 0, BLOCK_N=cfg["block_n"],
                 SUB=w.block_k // 8, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    row_mask = dict(WS_ROW_MASK=_SPLIT_ROWS == "masked")
+    meta["SPLIT_SUM"] = "atomic" if _SPLIT_SUM == "pad" else _SPLIT_SUM
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
     pair_group = w.group_size % (w.block_k // 4) == 0  # slices 2p and 2p + 1 always share a group
     if kind == "gemv":
-        _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta, **pdl_meta,
-                                                              **row_mask)
+        _gemv_kernel[(triton.cdiv(n, cfg["block_n"]), split)](*args, BLOCK_M=cfg["block_m"], **meta, **pdl_meta)
     elif kind == "gemv_h2":
         _gemv_h2_kernel[(triton.cdiv(n, cfg["block_n"]), split)](
             *args, TILES=step, PAIR_GROUP=pair_group, ASM=not _INTERPRET, X_AHEAD=bool(cfg.get("x_ahead", False)),
@@ -1035,8 +1063,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]), split)
         use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)
         kern = _gemm_kernel if kind == "gemm" else _gemm_swap_kernel
-        kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=use_h2, PAIR_GROUP=pair_group, **meta,
-                   **row_mask)
+        kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=use_h2, PAIR_GROUP=pair_group, **meta)
     return y[:rows].reshape(*lead, n)
 
 
@@ -1054,13 +1081,14 @@ def _scratch(device, dtype, numel: int) -> torch.Tensor:
 
 _WORKSPACES: dict = {}
 
-# How split-K treats the rows of a row tile past M. "tile" (the default): the workspace holds whole
-# row tiles and every program adds, reads and zeroes all of its tile's rows (rows past M repeat row
-# M - 1's sums and are never stored to y). "masked": the workspace adds are masked by row too, as
-# before; on an H100 14336 x 4096 at M = 4 (16-row tiles) gave 15-17 wrong calls in 400 that way
-# and M = 16 with the same launch none (bench/results/splitk_race_h100.txt). "pad": x padded with
-# zero rows to a whole tile (one copy of x). The last two are kept for bench/splitk_race.py.
-_SPLIT_ROWS = "tile"
+# How split-K adds up a tile (_store_split). "slots" (the default): each split stores its partial in
+# a slot of its own and the tile's last program adds them in split order: bit-identical calls for
+# any split, no float atomics. "atomic": fp32 atomic adds into one workspace tile. "atomic_masked":
+# the same with the workspace masked by row (rows past M left out); on an H100 14336 x 4096 at
+# M = 4 (16-row tiles) gave 15-17 wrong calls in 400 that way and M = 16 with the same launch none
+# (bench/results/splitk_race_h100.txt). "pad": "atomic" on x padded with zero rows to a whole row
+# tile (one copy of x). All but "slots" are kept for bench/splitk_race.py.
+_SPLIT_SUM = "slots"
 
 
 def _workspace(device, floats: int, tiles: int):

@@ -64,7 +64,7 @@ def test_on_by_compute_capability(monkeypatch):
 
 
 # compiled for sm_90 on any machine (w4_helpers.ptx_for_sm90)
-_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False)
+_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT_SUM="slots")
 W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
     "gemv_h2": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=8, TILES=2, SPLIT=1, PAIR_GROUP=True, ASM=True,
                                         X_AHEAD=True, S_AHEAD=True, EARLY=False)),
@@ -77,7 +77,7 @@ W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
                                                            EARLY=True)),
     "gemv_wide": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1, EARLY=False)),
     "gemv_wide early": ("_gemv_wide_kernel", dict(_COMMON, BLOCK_N=8, TILES=4, SPLIT=1, EARLY=True)),
-    "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4, WS_ROW_MASK=False)),
+    "gemv": ("_gemv_kernel", dict(_COMMON, HAS_ZERO=True, BLOCK_M=1, BLOCK_N=64, SPLIT=4)),
 }
 OPS_CASES = {  # name: (kernel in klaq.runtime.triton_ops, signature, constexprs)
     "add_rmsnorm": ("_add_rmsnorm_kernel", dict(x_ptr="*fp32", d_ptr="*fp16", pw_ptr="*fp32", w_ptr="*fp32",

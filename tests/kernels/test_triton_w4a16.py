@@ -234,18 +234,19 @@ def test_gpu_configs(kernel, split, block_n):
         check(1000, 4096 + 64, 128, False, m, kernel=kernel, split=split, block_n=block_n)
 
 
-def test_split_k_leaves_workspace_clean():
-    """The last program of each tile re-zeroes the shared workspace: calls repeat exactly."""
+def test_split_k_calls_repeat_and_leave_the_counters_zero():
+    """Each tile's last program resets its counter, and adds the splits' slots in split order: a
+    4-way split repeats bit-exactly (an atomic sum would depend on the order of arrival)."""
     from klaq.kernels.triton_w4a16 import _WORKSPACES
 
     qw = random_qweight(40, 576, 64, asym=True)
     w = repack(qw, DEVICE)
     x = torch.randn(3, 576).half().to(DEVICE)
-    for kernel in ("gemv", "gemm"):  # 2-way: two partials added to zero in either order give the same bits
-        first = w4a16_matmul(x, w, kernel=kernel, split=2)
-        assert torch.equal(first, w4a16_matmul(x, w, kernel=kernel, split=2))
-        ws, counters = _WORKSPACES[x.device]
-        assert not ws.any() and not counters.any()
+    for kernel in ("gemv", "gemm"):
+        first = w4a16_matmul(x, w, kernel=kernel, split=4)
+        assert torch.equal(first, w4a16_matmul(x, w, kernel=kernel, split=4))
+        assert rel_err(first.float().cpu().numpy(), reference_matmul(x.float().cpu().numpy(), qw)) < TOL[torch.float16]
+        assert not _WORKSPACES[x.device][1].any()
 
 
 SPLIT_LAUNCHES = [  # (N, K, M, launch): 2-way splits, so every call adds two partials to zero: order-free
@@ -270,42 +271,49 @@ def test_gpu_split_k_calls_repeat_bit_exactly(n, k, m, launch):
     assert rel_err(out[0].float().cpu().numpy(), reference_matmul(x.float().cpu().numpy(), qw)) < TOL[torch.float16]
 
 
-_SPLIT_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT=2)
+_SPLIT_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT=2)  # and SPLIT_SUM, per test
 _PDL_OFF = dict(PDL=False, PREFETCH=False, PDL_LATE=False)
 SPLIT_KERNELS = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs), each with split-K
-    "gemm": ("_gemm_kernel", dict(_SPLIT_COMMON, BLOCK_M=16, BLOCK_N=64, DOT_F32=False, H2=True, PAIR_GROUP=True,
-                                  WS_ROW_MASK=False)),
+    "gemm": ("_gemm_kernel", dict(_SPLIT_COMMON, BLOCK_M=16, BLOCK_N=64, DOT_F32=False, H2=True, PAIR_GROUP=True)),
     "gemv_h2": ("_gemv_h2_kernel", dict(_SPLIT_COMMON, BLOCK_N=8, TILES=2, PAIR_GROUP=True, ASM=True, X_AHEAD=True,
                                         S_AHEAD=False, EARLY=False, **_PDL_OFF)),
-    "gemv": ("_gemv_kernel", dict(_SPLIT_COMMON, BLOCK_M=1, BLOCK_N=64, WS_ROW_MASK=False, **_PDL_OFF)),
+    "gemv": ("_gemv_kernel", dict(_SPLIT_COMMON, BLOCK_M=1, BLOCK_N=64, **_PDL_OFF)),
 }
 
 
-def test_split_k_threads_fence_their_adds_before_the_count():
+@pytest.mark.parametrize("how", ["slots", "atomic"])
+def test_split_k_threads_fence_their_writes_before_the_count(how):
     """In the sm_90 PTX of each split-K kernel, every thread runs ``fence.acq_rel.gpu`` after its
-    workspace adds and before the tile's counter is bumped, and the last program reads the sums by
-    atomics, not loads (compiled on CPU, no GPU needed)."""
-    ptxs = ptx_for_sm90([(name, "w4", fn, W4_SIG, consts) for name, (fn, consts) in SPLIT_KERNELS.items()])
-    for name, ptx in ptxs.items():
+    workspace writes and before the tile's counter is bumped; the last program then reads the
+    partials: with ``slots`` by L2 loads of the other slots (and no float atomics anywhere), with
+    ``atomic`` by atomics, not loads (compiled on CPU, no GPU needed)."""
+    jobs = [(name, "w4", fn, W4_SIG, dict(consts, SPLIT_SUM=how)) for name, (fn, consts) in SPLIT_KERNELS.items()]
+    for name, ptx in ptx_for_sm90(jobs).items():
         lines = ptx.splitlines()
-        reds = [i for i, s in enumerate(lines) if ("red.global" in s or "atom.global" in s) and ".add.f32" in s]
+        fadds = [i for i, s in enumerate(lines) if ("red.global" in s or "atom.global" in s) and ".add.f32" in s]
         fences = [i for i, s in enumerate(lines) if "fence.acq_rel.gpu" in s]
         count = [i for i, s in enumerate(lines) if "atom.global" in s and ".add.u32" in s]
         assert len(fences) == 1 and len(count) == 1, name
-        adds = [i for i in reds if i < count[0]]
-        reads = [i for i in reds if i > count[0]]  # the last program reads the sums by atomics too
-        assert adds and reads and max(adds) < fences[0] < count[0], name
+        if how == "atomic":
+            writes = [i for i in fadds if i < count[0]]
+            reads = [i for i in fadds if i > count[0]]
+        else:
+            assert not fadds, name
+            stores = [i for i, s in enumerate(lines) if s.strip().lstrip("@%p0123456789 ").startswith("st.global")]
+            writes = [i for i in stores if i < fences[0]]
+            reads = [i for i, s in enumerate(lines) if "ld.global.cg" in s and i > count[0]]
+        assert writes and reads and max(writes) < fences[0] < count[0], name
         # unpredicated: every thread fences, not only the one that bumps the counter
         assert not lines[fences[0]].strip().startswith("@"), name
 
 
-@pytest.mark.parametrize("mode", ["tile", "masked", "pad"])
-def test_split_k_row_modes_over_a_partial_row_tile(monkeypatch, mode):
-    """A split-K GEMM whose M leaves its row tile partly empty (the M = 4 race,
-    bench/results/splitk_race_h100.txt): ``tile`` (the default) launches M rows with the workspace
-    covering the whole tile, ``masked`` masks the workspace rows too, ``pad`` launches x padded with
-    zero rows; all return the M rows asked for and leave the workspace zero. Without split-K, or
-    with M a whole number of tiles, every mode launches x as it is."""
+@pytest.mark.parametrize("mode", ["slots", "atomic", "atomic_masked", "pad"])
+def test_split_k_sums_over_a_partial_row_tile(monkeypatch, mode):
+    """Every way of adding up split-K (``triton_w4a16._SPLIT_SUM``) over a row tile that M leaves
+    partly empty (the M = 4 race, bench/results/splitk_race_h100.txt) returns the M rows asked for
+    and leaves the counters (and the atomic modes' workspace) zero; ``pad`` launches x padded with
+    zero rows (and adds by atomics), the others M rows. Without split-K, or with M a whole number
+    of tiles, every mode launches x as it is."""
     from klaq.kernels import triton_w4a16
 
     real, seen = triton_w4a16._gemm_kernel, []
@@ -313,20 +321,21 @@ def test_split_k_row_modes_over_a_partial_row_tile(monkeypatch, mode):
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                seen.append((args[7], kw["BLOCK_M"], kw["SPLIT"], kw["WS_ROW_MASK"]))
+                seen.append((args[7], kw["BLOCK_M"], kw["SPLIT"], kw["SPLIT_SUM"]))
                 return real[grid](*args, **kw)
             return launch
 
     monkeypatch.setattr(triton_w4a16, "_gemm_kernel", Spy())
-    monkeypatch.setattr(triton_w4a16, "_SPLIT_ROWS", mode)
+    monkeypatch.setattr(triton_w4a16, "_SPLIT_SUM", mode)
     qw = random_qweight(40, 576, 64, asym=False)
     w = repack(qw, DEVICE)
-    masked = mode == "masked"
-    for m, split, launched in [(3, 2, (16 if mode == "pad" else 3, 16, 2, masked)), (3, 1, (3, 16, 1, masked)),
-                               (16, 2, (16, 16, 2, masked))]:
+    how = "atomic" if mode == "pad" else mode
+    for m, split, launched in [(3, 2, (16 if mode == "pad" else 3, 16, 2, how)), (3, 1, (3, 16, 1, how)),
+                               (16, 2, (16, 16, 2, how))]:
+        triton_w4a16._WORKSPACES.clear()
         x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).half()
         y = w4a16_matmul(x.to(DEVICE), w, kernel="gemm", block_m=16, block_n=32, split=split)
         assert seen.pop() == launched and y.shape == (m, 40)
         assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < TOL[torch.float16]
         ws, counters = triton_w4a16._WORKSPACES[y.device]
-        assert not ws.any() and not counters.any()
+        assert not counters.any() and (mode == "slots" or not ws.any())
