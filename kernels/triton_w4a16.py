@@ -28,8 +28,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   scale (``_H2C_EVEN`` / ``_H2C_ODD``), zero points build each weight (``_H2_ASYM``). Large layers
   at M = 1, fp16.
 * ``gemv_wide`` (M = 1): the same, loading ``TILES`` K-tiles per step and no split-K: few
-  programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's atomics
-  are pure latency.
+  programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's
+  workspace round trip and tile counter are pure latency.
 * ``gemm`` (M padded to 16): ``BLOCK_M x BLOCK_N`` tiles, one ``[SUB, BLOCK_N]`` weight slice
   dequantized at a time into the activation dtype for ``tl.dot``. M = 2-16.
 * ``gemm_swap``: ``Y^T = W X^T``, the dequantized weight as the left operand (it may stay in
@@ -41,8 +41,9 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   TMA (with PDL before its wait, so a GEMV's weights stream in while the kernel before it runs).
   In place of ``gemv_h2`` for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`).
 
-With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
-each tile (:func:`_store_split`), so every call is a single launch.
+With split-K each split stores its fp32 partial sums in a workspace slot of its own, and the last
+program of each tile adds them in split order (:func:`_store_split`), so every call is a single
+launch and repeats bit-exactly.
 
 On Hopper the GEMVs launch with programmatic dependent launch (:mod:`klaq.kernels.pdl`; off with
 ``KLAQ_PDL=0``): a program (optionally prefetching its weight rows into L2, or loading its first
@@ -193,9 +194,9 @@ def _fence_gpu(ON: tl.constexpr):
     Before a program counts itself done, each thread's own writes to the split-K workspace must
     be visible GPU-wide: the barrier after them orders them only within the program, and the
     counter's release is one thread's, which the CUDA guide promises for that thread's writes
-    alone. Not enough by itself: bench/splitk_race.py on an H100 (14336 x 4096, M = 4) counted
-    15 of 400 calls wrong without it and 17 of 400 with it, while the last program read the sums
-    with a plain ``.cg`` load; it now reads them by atomics (:func:`_store_split`)."""
+    alone. It did not cure the wrong tiles of the row-masked atomic sums by itself
+    (bench/splitk_race.py, H100, 14336 x 4096, M = 4: 15 of 400 calls wrong without it, 17 with it;
+    see _SPLIT_SUM)."""
     if ON:
         tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
 
