@@ -2,21 +2,21 @@
 
     python bench/splitk_race.py [--calls 2000] [--out race.txt]
 
-A split-K launch's programs add their partial sums into a workspace, and a tile's last program
-reads the sum back (kernels/triton_w4a16.py ``_store_split``; the Hopper ``wgmma`` kernel's shares,
+A split-K launch's programs each compute part of a tile's K sum, and the tile's last program adds
+the parts (kernels/triton_w4a16.py ``_store_split``; the Hopper ``wgmma`` kernel's shares,
 kernels/gluon_w4a16.py). ``bench/kernels.py`` read rel err 3e-2 at 14336 x 4096, M = 4 in two H100
-runs, where the other calls read 4e-5: some calls add up a wrong tile. Each case here runs one
-launch ``--calls`` times on fixed inputs and counts the calls whose output is not bit-identical to
-the majority output (every case is order-independent: 2-way splits add two partials to zero, the
-wgmma shares in program order), the calls whose error against an fp64 reference of the same
-dequantized weights is above 1e-2, the first wrong call, and the non-zero words left in the
-split-K workspace and tile counters after the case (they must be all zero between calls).
+runs, where the other calls read 4e-5: some calls added up a wrong tile. Each case here runs one
+launch ``--calls`` times on fixed inputs, with one way of adding up the parts
+(``triton_w4a16._SPLIT_SUM``: ``slots``, the default, ``atomic``, ``atomic_masked``, the sums of
+the first run, or ``pad``), and counts the calls whose output is not bit-identical to the majority
+output, the calls whose error against an fp64 reference of the same dequantized weights is above
+1e-2, where the worst call's wrong elements lie, the first wrong call, and the calls after which a
+tile counter (or, for the atomic sums, a workspace word) was left non-zero (they must be zero
+between calls).
 
-First run (H100, bench/results/splitk_race_h100.txt): 15 of 400 calls wrong at 14336 x 4096, M = 4
-(``gemm``, 128 rows x 2 splits), 0 in every other case; 17 of 400 with every thread fencing its
-adds before the count. The last program now reads the sums by atomics, and ``w4a16_matmul`` pads a
-split-K launch's partly filled row tile with zero rows (so M = 4 runs as M = 16 did): neither yet
-run on a GPU; this script goes through ``w4a16_matmul``, so it measures the padded launch.
+First run (H100, bench/results/splitk_race_h100.txt, the ``atomic_masked`` sums): 15 of 400 calls
+wrong at 14336 x 4096, M = 4 (``gemm``, 128 rows x 2 splits), 0 in every other case; 17 of 400
+with every thread fencing its adds before the count.
 """
 
 from __future__ import annotations

@@ -249,10 +249,11 @@ def test_split_k_calls_repeat_and_leave_the_counters_zero():
         assert not _WORKSPACES[x.device][1].any()
 
 
-SPLIT_LAUNCHES = [  # (N, K, M, launch): 2-way splits, so every call adds two partials to zero: order-free
+SPLIT_LAUNCHES = [  # (N, K, M, launch): the slots are added in split order, so any split repeats bit-exactly
     (14336, 4096, 4, dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)),
-    (4096, 4096, 16, dict(kernel="gemm", block_m=16, block_n=64, split=2, num_warps=4, num_stages=3)),
-    (4096, 14336, 1, dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1)),
+    (4096, 4096, 16, dict(kernel="gemm", block_m=16, block_n=64, split=4, num_warps=4, num_stages=3)),
+    (4096, 14336, 1, dict(kernel="gemv_h2", block_n=32, tiles=2, split=4, num_warps=4, num_stages=1)),
+    (14336, 4096, 3, dict(kernel="gemv", block_n=64, split=4, num_warps=4, num_stages=1)),
 ]
 
 
