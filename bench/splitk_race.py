@@ -7,16 +7,17 @@ the parts (kernels/triton_w4a16.py ``_store_split``; the Hopper ``wgmma`` kernel
 kernels/gluon_w4a16.py). ``bench/kernels.py`` read rel err 3e-2 at 14336 x 4096, M = 4 in two H100
 runs, where the other calls read 4e-5: some calls added up a wrong tile. Each case here runs one
 launch ``--calls`` times on fixed inputs, with one way of adding up the parts
-(``triton_w4a16._SPLIT_SUM``: ``slots``, the default, ``atomic``, ``atomic_masked``, the sums of
-the first run, or ``pad``), and counts the calls whose output is not bit-identical to the majority
+(``triton_w4a16._SPLIT_SUM``: ``atomic``, the default, ``atomic_masked``, the sums' layout in the
+first run, or ``slots``), and counts the calls whose output is not bit-identical to the majority
 output, the calls whose error against an fp64 reference of the same dequantized weights is above
 1e-2, where the worst call's wrong elements lie, the first wrong call, and the calls after which a
 tile counter (or, for the atomic sums, a workspace word) was left non-zero (they must be zero
 between calls).
 
-First run (H100, bench/results/splitk_race_h100.txt, the ``atomic_masked`` sums): 15 of 400 calls
-wrong at 14336 x 4096, M = 4 (``gemm``, 128 rows x 2 splits), 0 in every other case; 17 of 400
-with every thread fencing its adds before the count.
+Runs (H100, bench/results/splitk_race_h100.txt): with the ``atomic_masked`` layout and the last
+program reading the sums by a ``.cg`` load, 15 of 400 calls wrong at 14336 x 4096, M = 4 (``gemm``,
+128 rows x 2 splits), 0 in every other case; 17 of 400 with every thread fencing its adds before
+the count. Reading them by atomics: no wrong call in 200 in any case and mode.
 """
 
 from __future__ import annotations
@@ -37,19 +38,18 @@ from klaq.kernels.triton_w4a16 import repack, w4a16_matmul  # noqa: E402
 _GEMM = dict(kernel="gemm", block_m=16, block_n=128, split=2, num_warps=4, num_stages=3)
 _GEMV3 = dict(kernel="gemv", block_n=64, split=2, num_warps=4, num_stages=1)
 _H2 = dict(kernel="gemv_h2", block_n=32, tiles=2, split=2, num_warps=4, num_stages=1)
-# (N, K, M, launch, how): how = triton_w4a16._SPLIT_SUM for the call ("slots" is the default). The
+# (N, K, M, launch, how): how = triton_w4a16._SPLIT_SUM for the call ("atomic" is the default). The
 # atomic cases are 2-way splits (two partials added to zero: order-free), as are the wgmma shares
 # (added in program order); "slots" adds in split order, so any split must repeat bit-exactly
 CASES = [
     (14336, 4096, 4, _GEMM, "slots"),
     (14336, 4096, 4, _GEMM, "atomic"),
     (14336, 4096, 4, _GEMM, "atomic_masked"),
-    (14336, 4096, 4, _GEMM, "pad"),
-    (14336, 4096, 4, dict(_GEMM, split=1), "slots"),  # no split-K: is the product itself repeatable?
+    (14336, 4096, 4, dict(_GEMM, split=1), "atomic"),  # no split-K: is the product itself repeatable?
     (14336, 4096, 4, dict(_GEMM, num_stages=1), "atomic_masked"),
-    (14336, 4096, 8, _GEMM, "slots"),
+    (14336, 4096, 8, _GEMM, "atomic"),
     (14336, 4096, 8, _GEMM, "atomic_masked"),
-    (14336, 4096, 3, _GEMV3, "slots"),
+    (14336, 4096, 3, _GEMV3, "atomic"),
     (14336, 4096, 3, _GEMV3, "atomic_masked"),
     (14336, 4096, 16, _GEMM, "slots"),
     (14336, 4096, 16, _GEMM, "atomic"),
@@ -57,8 +57,8 @@ CASES = [
     (4096, 14336, 1, _H2, "slots"),
     (4096, 14336, 1, dict(_H2, split=4), "slots"),
     (4096, 14336, 1, _H2, "atomic"),
-    (4096, 14336, 1, dict(kernel="gemv", block_m=1, block_n=64, split=2, num_warps=4, num_stages=1), "slots"),
-    (6144, 4096, 256, dict(kernel="wgmma"), "slots"),  # 192 tiles: 60 of them in K-halves (shares)
+    (4096, 14336, 1, dict(kernel="gemv", block_m=1, block_n=64, split=2, num_warps=4, num_stages=1), "atomic"),
+    (6144, 4096, 256, dict(kernel="wgmma"), "atomic"),  # 192 tiles: 60 of them in K-halves (shares)
 ]
 
 

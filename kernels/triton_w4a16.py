@@ -28,8 +28,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   scale (``_H2C_EVEN`` / ``_H2C_ODD``), zero points build each weight (``_H2_ASYM``). Large layers
   at M = 1, fp16.
 * ``gemv_wide`` (M = 1): the same, loading ``TILES`` K-tiles per step and no split-K: few
-  programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's
-  workspace round trip and tile counter are pure latency.
+  programs with many bytes in flight. Small layers at M = 1 (SmolLM2's), where split-K's atomics
+  are pure latency.
 * ``gemm`` (M padded to 16): ``BLOCK_M x BLOCK_N`` tiles, one ``[SUB, BLOCK_N]`` weight slice
   dequantized at a time into the activation dtype for ``tl.dot``. M = 2-16.
 * ``gemm_swap``: ``Y^T = W X^T``, the dequantized weight as the left operand (it may stay in
@@ -41,9 +41,8 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   TMA (with PDL before its wait, so a GEMV's weights stream in while the kernel before it runs).
   In place of ``gemv_h2`` for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`).
 
-With split-K each split stores its fp32 partial sums in a workspace slot of its own, and the last
-program of each tile adds them in split order (:func:`_store_split`), so every call is a single
-launch and repeats bit-exactly.
+With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
+each tile (:func:`_store_split`), so every call is a single launch.
 
 On Hopper the GEMVs launch with programmatic dependent launch (:mod:`klaq.kernels.pdl`; off with
 ``KLAQ_PDL=0``): a program (optionally prefetching its weight rows into L2, or loading its first
@@ -206,16 +205,18 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, slot, SPLIT: tl.c
                  SPLIT_SUM: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
-    ``SPLIT_SUM == "slots"`` (the default): each program stores its partial sums, fp32, in a slot
-    of its own (``ws_ptrs + pid_k * slot``) with plain stores; a per-tile counter tells the last
-    arrival, which adds the slots in split order (so every call gives the same bits, whatever the
-    order of arrival), stores y and resets the counter. ``"atomic"``: the partials are added into
-    one workspace tile by fp32 atomics, which the last program reads (by atomics) and zeroes;
-    ``"atomic_masked"`` as before, with the workspace masked by row too. Either way a call is one
-    launch: no memset before it and no cast after it (each costs about as much as the whole GEMV
-    at small N), and the same kernel replays in a CUDA graph. Every thread fences its writes before
-    the counter (:func:`_fence_gpu`). ``ws_mask`` covers every row of the tile (rows past M repeat
-    row M - 1 and are never stored to y) except with ``"atomic_masked"``.
+    ``SPLIT_SUM == "atomic"`` (the default): the partial sums are added into one fp32 workspace
+    tile by atomics; a per-tile counter tells the last arrival, which reads the sums by atomics
+    (adding zero), stores y and zeroes the workspace tile and the counter again. ``"slots"``: each
+    program stores its partials in a slot of its own (``ws_ptrs + pid_k * slot``) and the last
+    adds the slots in split order, so every call gives the same bits whatever the order of arrival
+    (H100, 4096 x 4096: 1 us slower at M = 4 and 16, bench/results/splitk_sum_ab_h100.md).
+    ``"atomic_masked"``: the atomic sums with the workspace masked by row as well (rows past M left
+    out). Either way a call is one launch: no memset before it and no cast after it (each costs
+    about as much as the whole GEMV at small N), and the same kernel replays in a CUDA graph.
+    Every thread fences its writes before the counter (:func:`_fence_gpu`). ``ws_mask`` covers
+    every row of the tile (rows past M repeat row M - 1 and are never stored to y) except with
+    ``"atomic_masked"``.
     """
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
@@ -241,8 +242,8 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, slot, SPLIT: tl.c
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
             # read the sums by atomics (adding zero), performed where the adds were: with a plain .cg
-            # load here 15-17 of 400 calls at 14336 x 4096, M = 4 came out wrong on an H100
-            # (bench/results/splitk_race_h100.txt)
+            # load here 15-17 of 400 calls at 14336 x 4096, M = 4 came out wrong on an H100, by
+            # atomics none of 200 (bench/results/splitk_race_h100.txt)
             total = tl.where(ws_mask, tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=ws_mask, sem="relaxed"), 0.0)
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
             tl.store(ws_ptrs, tl.zeros_like(acc), mask=ws_mask)
@@ -254,7 +255,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
                  group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                 PDL_LATE: tl.constexpr = False, SPLIT_SUM: tl.constexpr = "slots"):
+                 PDL_LATE: tl.constexpr = False, SPLIT_SUM: tl.constexpr = "atomic"):
     # Every tensor is [BLOCK_M, BLOCK_N, SUB] and loaded with that shape (x through a broadcast
     # pointer: redundant lanes hit L1), so all share one register layout and nothing goes through
     # shared memory. Products accumulate elementwise; the one reduction over K is at the end (a
@@ -483,7 +484,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                     PAIR_GROUP: tl.constexpr, ASM: tl.constexpr = True, X_AHEAD: tl.constexpr = False,
                     S_AHEAD: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
                     PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False,
-                    SPLIT_SUM: tl.constexpr = "slots"):
+                    SPLIT_SUM: tl.constexpr = "atomic"):
     # M = 1, fp16 activations. Each step takes TILES K-tiles of BLOCK_N rows ([BLOCK_N, TILES, SUB]
     # words, contiguous per row); per half2 pair (slices 2p, 2p + 1) of a tile the x pair is loaded
     # once ([1, TILES, SUB], shared by a thread's rows) and the scales once per row.
@@ -654,7 +655,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
                  group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                  DOT_F32: tl.constexpr = False, H2: tl.constexpr = False, PAIR_GROUP: tl.constexpr = False,
-                 SPLIT_SUM: tl.constexpr = "slots"):
+                 SPLIT_SUM: tl.constexpr = "atomic"):
     # H2 (fp16 activations, not the interpreter): the weight dequantized two slices at a time in
     # half2 (_DQ_SYM / _DQ_ASYM), the same fp16 weights as the fp32 path (one rounding of q*s - o).
     pid = tl.program_id(0)
@@ -706,7 +707,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
                       PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False,
-                    SPLIT_SUM: tl.constexpr = "slots"):
+                    SPLIT_SUM: tl.constexpr = "atomic"):
     # M = 1 only. Like _gemv_kernel, but each step loads TILES K-tiles of BLOCK_N rows at once
     # ([BLOCK_N, TILES, SUB] words): more bytes in flight per program, so few programs (small N,
     # no split-K) still keep enough loads outstanding to cover DRAM latency.
@@ -757,7 +758,7 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       group_size, tiles_per_split, n_tiles, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                       DOT_F32: tl.constexpr = False, H2: tl.constexpr = False,
-                      PAIR_GROUP: tl.constexpr = False, SPLIT_SUM: tl.constexpr = "slots"):
+                      PAIR_GROUP: tl.constexpr = False, SPLIT_SUM: tl.constexpr = "atomic"):
     # Y^T = W X^T: the dequantized weight slice [BLOCK_N, SUB] is the *left* operand. On Hopper the
     # left wgmma operand may come from registers (the right one must sit in shared memory), so the
     # freshly dequantized weight goes straight into the tensor core and only x is staged; weight
@@ -1030,10 +1031,6 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     tps = -(-w.n_tiles // split)
     tps = -(-tps // step) * step  # whole steps per split
     split = -(-w.n_tiles // tps)  # no empty programs
-    rows = m
-    if split > 1 and _SPLIT_SUM == "pad" and kind in ("gemv", "gemm", "gemm_swap") and m % cfg["block_m"]:
-        x2 = torch.cat([x2, x2.new_zeros(-m % cfg["block_m"], k)])  # diagnosis only (bench/splitk_race.py)
-        m = x2.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     pdl_meta = dict(PDL=use_pdl, PREFETCH=use_pdl and bool(prefetch), PDL_LATE=use_pdl and bool(pdl_late),
                     **launch_kwargs(use_pdl))
@@ -1048,7 +1045,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
             y.stride(0), w.group_size, tps, w.n_tiles)
     meta = dict(HAS_ZERO=w.offsets is not None, EVEN_K=k % w.block_k == 0, BLOCK_N=cfg["block_n"],
                 SUB=w.block_k // 8, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    meta["SPLIT_SUM"] = "atomic" if _SPLIT_SUM == "pad" else _SPLIT_SUM
+    meta["SPLIT_SUM"] = _SPLIT_SUM
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
     pair_group = w.group_size % (w.block_k // 4) == 0  # slices 2p and 2p + 1 always share a group
     if kind == "gemv":
@@ -1065,7 +1062,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
         use_h2 = x.dtype == torch.float16 and not _INTERPRET and cfg.get("h2", True)
         kern = _gemm_kernel if kind == "gemm" else _gemm_swap_kernel
         kern[grid](*args, BLOCK_M=cfg["block_m"], DOT_F32=dot_f32, H2=use_h2, PAIR_GROUP=pair_group, **meta)
-    return y[:rows].reshape(*lead, n)
+    return y.reshape(*lead, n)
 
 
 _SCRATCH: dict = {}
@@ -1082,14 +1079,15 @@ def _scratch(device, dtype, numel: int) -> torch.Tensor:
 
 _WORKSPACES: dict = {}
 
-# How split-K adds up a tile (_store_split). "slots" (the default): each split stores its partial in
-# a slot of its own and the tile's last program adds them in split order: bit-identical calls for
-# any split, no float atomics. "atomic": fp32 atomic adds into one workspace tile. "atomic_masked":
-# the same with the workspace masked by row (rows past M left out); on an H100 14336 x 4096 at
-# M = 4 (16-row tiles) gave 15-17 wrong calls in 400 that way and M = 16 with the same launch none
-# (bench/results/splitk_race_h100.txt). "pad": "atomic" on x padded with zero rows to a whole row
-# tile (one copy of x). All but "slots" are kept for bench/splitk_race.py.
-_SPLIT_SUM = "slots"
+# How split-K adds up a tile (_store_split). "atomic" (the default): fp32 atomic adds into one
+# workspace tile covering every row of the row tile, read back by atomics. "atomic_masked": the
+# workspace masked by row too (rows past M left out), the layout of the sums that gave 15-17 wrong
+# calls in 400 on an H100 at 14336 x 4096, M = 4 while the last program read them with a .cg load;
+# with the atomic read none in 200, as for "atomic" (bench/results/splitk_race_h100.txt). "slots":
+# one slot per split, added in split order: bit-identical calls for any split, 1 us slower at
+# 4096 x 4096, M = 4 and 16 (bench/results/splitk_sum_ab_h100.md). The last two are kept for
+# bench/splitk_race.py.
+_SPLIT_SUM = "atomic"
 
 
 def _workspace(device, floats: int, tiles: int):

@@ -64,7 +64,7 @@ def test_on_by_compute_capability(monkeypatch):
 
 
 # compiled for sm_90 on any machine (w4_helpers.ptx_for_sm90)
-_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT_SUM="slots")
+_COMMON = dict(HAS_ZERO=False, SUB=32, EVEN_K=False, SPLIT_SUM="atomic")
 W4_CASES = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs)
     "gemv_h2": ("_gemv_h2_kernel", dict(_COMMON, BLOCK_N=8, TILES=2, SPLIT=1, PAIR_GROUP=True, ASM=True,
                                         X_AHEAD=True, S_AHEAD=True, EARLY=False)),
