@@ -201,7 +201,7 @@ def _fence_gpu(ON: tl.constexpr):
 
 
 @triton.jit
-def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, slot, SPLIT: tl.constexpr,
+def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, row_ok, col_ok, slot, SPLIT: tl.constexpr,
                  SPLIT_SUM: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
 
@@ -214,10 +214,14 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, mask, ws_mask, slot, SPLIT: tl.c
     ``"atomic_masked"``: the atomic sums with the workspace masked by row as well (rows past M left
     out). Either way a call is one launch: no memset before it and no cast after it (each costs
     about as much as the whole GEMV at small N), and the same kernel replays in a CUDA graph.
-    Every thread fences its writes before the counter (:func:`_fence_gpu`). ``ws_mask`` covers
-    every row of the tile (rows past M repeat row M - 1 and are never stored to y) except with
-    ``"atomic_masked"``.
+    Every thread fences its writes before the counter (:func:`_fence_gpu`). ``row_ok`` ``[BM, 1]``
+    and ``col_ok`` ``[1, BN]`` mark the rows and columns of y; the workspace takes every row of the
+    tile (rows past M repeat row M - 1 and are never stored to y) except with ``"atomic_masked"``.
     """
+    mask = row_ok & col_ok
+    ws_mask = mask
+    if SPLIT_SUM != "atomic_masked":
+        ws_mask = tl.broadcast_to(col_ok, mask.shape)
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     elif SPLIT_SUM == "slots":
@@ -293,11 +297,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     out = tl.sum(acc, axis=2)
     m2 = tl.arange(0, BLOCK_M)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (m2 < M) & (n2 < N)
-    ws_mask = mask  # every row of the tile, unless "atomic_masked"
-    if SPLIT_SUM != "atomic_masked":
-        ws_mask = (m2 >= 0) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, ws_mask,
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, m2 < M, n2 < N,
                  BLOCK_M * N, SPLIT, SPLIT_SUM)
 
 
@@ -608,8 +608,7 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
         out = out * 8.0  # the weights were (q - 8) / 4 and x / 2
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, mask, N, SPLIT,
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, m2 < M, n2 < N, N, SPLIT,
                  SPLIT_SUM)
 
 
@@ -692,13 +691,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Kw
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    ws_mask = mask  # every row of the tile, unless "atomic_masked"
-    if SPLIT_SUM != "atomic_masked":
-        ws_mask = (offs_m >= 0)[:, None] & (offs_n < N)[None, :]
-    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, mask, ws_mask, tl.cdiv(M, BLOCK_M) * BLOCK_M * N, SPLIT,
-                 SPLIT_SUM)
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, acc, (offs_m < M)[:, None], (offs_n < N)[None, :],
+                 tl.cdiv(M, BLOCK_M) * BLOCK_M * N, SPLIT, SPLIT_SUM)
 
 
 @triton.jit
@@ -707,7 +702,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       TILES: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
                       PDL_LATE: tl.constexpr = False, EARLY: tl.constexpr = False,
-                    SPLIT_SUM: tl.constexpr = "atomic"):
+                      SPLIT_SUM: tl.constexpr = "atomic"):
     # M = 1 only. Like _gemv_kernel, but each step loads TILES K-tiles of BLOCK_N rows at once
     # ([BLOCK_N, TILES, SUB] words): more bytes in flight per program, so few programs (small N,
     # no split-K) still keep enough loads outstanding to cover DRAM latency.
@@ -738,8 +733,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     m2 = tl.arange(0, 1)[:, None]
     n2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (m2 < M) & (n2 < N)
-    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, mask, mask, N, SPLIT,
+    _store_split(y_ptr + m2 * stride_ym + n2, ws_ptr + m2 * N + n2, cnt_ptr + pid_n, out, m2 < M, n2 < N, N, SPLIT,
                  SPLIT_SUM)
 
 
@@ -799,13 +793,9 @@ def _gemm_swap_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    ws_mask = mask  # every row of the tile, unless "atomic_masked"
-    if SPLIT_SUM != "atomic_masked":
-        ws_mask = (offs_m >= 0)[:, None] & (offs_n < N)[None, :]
-    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, mask, ws_mask, tl.cdiv(M, BLOCK_M) * BLOCK_M * N, SPLIT,
-                 SPLIT_SUM)
+    _store_split(y_ptrs, ws_ptrs, cnt_ptr + pid, out, (offs_m < M)[:, None], (offs_n < N)[None, :],
+                 tl.cdiv(M, BLOCK_M) * BLOCK_M * N, SPLIT, SPLIT_SUM)
 
 
 @triton.jit
