@@ -17,7 +17,8 @@ between calls).
 Runs (H100, bench/results/splitk_race_h100.txt): with the ``atomic_masked`` layout and the last
 program reading the sums by a ``.cg`` load, 15 of 400 calls wrong at 14336 x 4096, M = 4 (``gemm``,
 128 rows x 2 splits), 0 in every other case; 17 of 400 with every thread fencing its adds before
-the count. Reading them by atomics: no wrong call in 200 in any case and mode.
+the count. Reading them by atomics: no wrong call in 200 in any case and mode; the same since the
+per-thread fence was dropped for a barrier and one thread's release (bench/results/splitk_fence_ab_h100.md).
 """
 
 from __future__ import annotations

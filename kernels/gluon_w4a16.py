@@ -34,14 +34,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from klaq.kernels.triton_w4a16 import _DQ_ASYM as _TL_DQ_ASYM
 from klaq.kernels.triton_w4a16 import _DQ_SYM as _TL_DQ_SYM
-from klaq.kernels.triton_w4a16 import _FENCE_PTX as _TL_FENCE_PTX
 from klaq.kernels.triton_w4a16 import TritonW4, _workspace
 
 # Two slices of a word (shifted so their codes sit in bits 0-3 and 16-19) into the fp16 weights
 # ``q * s - o`` (one rounding): the same PTX as triton_w4a16's GEMMs.
 _DQ_SYM = gl.constexpr(_TL_DQ_SYM.value)
 _DQ_ASYM = gl.constexpr(_TL_DQ_ASYM.value)
-_FENCE_PTX = gl.constexpr(_TL_FENCE_PTX.value)  # triton_w4a16._fence_gpu's fence
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared and the CTA barrier thread_barrier;
 # later versions async_load and barrier.
@@ -260,8 +258,8 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                 gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma)), 0)
             slot = 1 - (u_seg == u_begin).to(gl.int32)  # a share's first segment, or its last
             gl.store(ws_ptr + (pid * 2 + slot) * (BLOCK_M * BLOCK_N) + loc, acc)
-            # every thread's stores GPU-wide before the count (triton_w4a16._fence_gpu says why)
-            gl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [pid], dtype=gl.int32, is_pure=False, pack=1)
+            # every thread's stores before the count: the barrier, then one thread's acq_rel atomic
+            # (triton_w4a16._store_split says why no fence)
             _cta_barrier()
             q0 = _owner(tile * n_tiles, units, programs, dp, n_tiles)
             q1 = _owner((tile + 1) * n_tiles - 1, units, programs, dp, n_tiles)

@@ -72,9 +72,6 @@ from klaq.formats.qweight import QuantizedWeight
 from .pdl import launch_kwargs, pdl_enter_rows, pdl_for, pdl_trigger
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_FENCE = tl.constexpr(not _INTERPRET)  # _fence_gpu in split-K programs
-# fence.acq_rel.gpu as an elementwise asm (its dummy output a copy of the input), in every thread
-_FENCE_PTX = tl.constexpr("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;")
 BLOCK_K_CHOICES = (512, 256, 128)  # BK = 8 * SUB; SUB >= 16 for tl.dot
 # Slice i of a tile sits in nibble NIBBLE[i]: slices 2p and 2p + 1 in nibbles p and p + 4, so one
 # shift by 4p and one LOP3 with 0x000F000F put both codes into one half2 (the gemv_h2 kernel).
@@ -187,20 +184,6 @@ def _load(ptrs, mask):
 
 
 @triton.jit
-def _fence_gpu(ON: tl.constexpr):
-    """``fence.acq_rel.gpu`` in every thread (a no-op unless ``ON``; the interpreter has no asm).
-
-    Before a program counts itself done, each thread's own writes to the split-K workspace must
-    be visible GPU-wide: the barrier after them orders them only within the program, and the
-    counter's release is one thread's, which the CUDA guide promises for that thread's writes
-    alone. It did not cure the wrong tiles of the row-masked atomic sums by itself
-    (bench/splitk_race.py, H100, 14336 x 4096, M = 4: 15 of 400 calls wrong without it, 17 with it;
-    see _SPLIT_SUM)."""
-    if ON:
-        tl.inline_asm_elementwise(_FENCE_PTX, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, row_ok, col_ok, slot, SPLIT: tl.constexpr,
                  SPLIT_SUM: tl.constexpr):
     """Write one output tile; with split-K, the last of its SPLIT programs writes it.
@@ -214,7 +197,12 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, row_ok, col_ok, slot, SPLIT: tl.
     ``"atomic_masked"``: the atomic sums with the workspace masked by row as well (rows past M left
     out). Either way a call is one launch: no memset before it and no cast after it (each costs
     about as much as the whole GEMV at small N), and the same kernel replays in a CUDA graph.
-    Every thread fences its writes before the counter (:func:`_fence_gpu`). ``row_ok`` ``[BM, 1]``
+    Publishing the partials: a CTA barrier after every thread's workspace writes, then the counter's
+    acq_rel atomic by one thread; the last arrival's barrier after that atomic, then its reads (the
+    pattern of cooperative groups' grid sync: the barrier orders the CTA's writes before that one
+    thread's release, and the release covers them). A ``fence.acq_rel.gpu`` in every thread before
+    the barrier (until 2026-12-07) cost 6-8% at M = 16 and changed no outcome of
+    bench/splitk_race.py (bench/results/splitk_fence_ab_h100.md). ``row_ok`` ``[BM, 1]``
     and ``col_ok`` ``[1, BN]`` mark the rows and columns of y; the workspace takes every row of the
     tile (rows past M repeat row M - 1 and are never stored to y) except with ``"atomic_masked"``.
     """
@@ -227,7 +215,6 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, row_ok, col_ok, slot, SPLIT: tl.
     elif SPLIT_SUM == "slots":
         pid_k = tl.program_id(1)
         tl.store(ws_ptrs + pid_k * slot, acc, mask=ws_mask)
-        _fence_gpu(_FENCE)
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
@@ -241,7 +228,6 @@ def _store_split(y_ptrs, ws_ptrs, cnt_ptr, acc, row_ok, col_ok, slot, SPLIT: tl.
             tl.atomic_xchg(cnt_ptr, 0)
     else:
         tl.atomic_add(ws_ptrs, acc, mask=ws_mask, sem="relaxed")
-        _fence_gpu(_FENCE)
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()

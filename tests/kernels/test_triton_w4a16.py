@@ -296,30 +296,37 @@ SPLIT_KERNELS = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs), ea
 }
 
 
+def _barrier_between(lines, first: int, last: int) -> bool:
+    return any("bar.sync" in s or "barrier.sync" in s for s in lines[first + 1:last])
+
+
 @pytest.mark.parametrize("how", ["slots", "atomic"])
-def test_split_k_threads_fence_their_writes_before_the_count(how):
-    """In the sm_90 PTX of each split-K kernel, every thread runs ``fence.acq_rel.gpu`` after its
-    workspace writes and before the tile's counter is bumped; the last program then reads the
-    partials: with ``slots`` by L2 loads of the other slots (and no float atomics anywhere), with
-    ``atomic`` by atomics, not loads (compiled on CPU, no GPU needed)."""
+def test_split_k_publishes_its_writes_by_barrier_then_one_release(how):
+    """In the sm_90 PTX of each split-K kernel, a program's workspace writes are published the way
+    cooperative groups' grid sync does it: a CTA barrier after every thread's last write, then the
+    tile's counter bumped by one thread with an acq_rel atomic (no per-thread ``fence.acq_rel.gpu``:
+    it cost 6-8% at M = 16); the last program crosses a barrier after the counter before it reads
+    the partials: with ``slots`` by L2 loads of the other slots (and no float atomics anywhere),
+    with ``atomic`` by atomics, not loads (compiled on CPU, no GPU needed)."""
     jobs = [(name, "w4", fn, W4_SIG, dict(consts, SPLIT_SUM=how)) for name, (fn, consts) in SPLIT_KERNELS.items()]
     for name, ptx in ptx_for_sm90(jobs).items():
         lines = ptx.splitlines()
         fadds = [i for i, s in enumerate(lines) if ("red.global" in s or "atom.global" in s) and ".add.f32" in s]
-        fences = [i for i, s in enumerate(lines) if "fence.acq_rel.gpu" in s]
         count = [i for i, s in enumerate(lines) if "atom.global" in s and ".add.u32" in s]
-        assert len(fences) == 1 and len(count) == 1, name
+        assert len(count) == 1 and ".acq_rel" in lines[count[0]], name
+        assert lines[count[0]].strip().startswith("@"), name  # one thread bumps the counter
+        assert not any("fence.acq_rel.gpu" in s for s in lines), name
         if how == "atomic":
             writes = [i for i in fadds if i < count[0]]
             reads = [i for i in fadds if i > count[0]]
         else:
             assert not fadds, name
             stores = [i for i, s in enumerate(lines) if s.strip().lstrip("@%p0123456789 ").startswith("st.global")]
-            writes = [i for i in stores if i < fences[0]]
+            writes = [i for i in stores if i < count[0]]
             reads = [i for i, s in enumerate(lines) if "ld.global.cg" in s and i > count[0]]
-        assert writes and reads and max(writes) < fences[0] < count[0], name
-        # unpredicated: every thread fences, not only the one that bumps the counter
-        assert not lines[fences[0]].strip().startswith("@"), name
+        assert writes and reads, name
+        assert _barrier_between(lines, max(writes), count[0]), name
+        assert _barrier_between(lines, count[0], min(reads)), name
 
 
 @pytest.mark.parametrize("how", ["atomic", "atomic_masked", "slots"])
