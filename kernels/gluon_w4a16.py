@@ -159,7 +159,11 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     # Registers: at 254 of 255, ptxas moves part of the next pair's dequantization below the MMA wait
     # (serialized with the tensor cores). Scales packed to half2 once per tile, and loaded once per pair
     # where both slices share a group (PAIR_GROUP), leave it more room: H100, M = 128 4-8% faster,
-    # M = 256 1-5% (bench/results/wgmma_scales_ab_h100.txt).
+    # M = 256 1-5% (bench/results/wgmma_scales_ab_h100.txt). Keeping a pair in flight across the wait
+    # (wait(2)) makes ptxas serialize the wgmmas (C7513: other instructions define a wgmma's input
+    # registers inside its pipeline stage); half-slice MMA groups with one in flight avoid that and
+    # measured no faster (BENCHMARKS.md, "pipelined MMA groups"): one warpgroup feeding the tensor
+    # cores is the bound, not where the dequantization sits.
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
