@@ -1,0 +1,120 @@
+"""What ptxas makes of the Hopper wgmma kernel, on any machine (no GPU): registers, spills, notes.
+
+    python bench/wgmma_ptxas.py [--block-m 128] [--sub 64] [--zero] [--json]
+    cp kernels/gluon_w4a16.py /tmp/v.py && patch /tmp/v.py bench/results/wgmma_pipelined.diff
+    python bench/wgmma_ptxas.py --module /tmp/v.py --const PARTS=1 --const TILE_WAIT=False \
+        --const TMA_LATE=False --const X_EARLY=False
+
+Builds ``_gemm_wgmma_kernel`` (kernels/gluon_w4a16.py) for sm_90a with Triton's Gluon, runs Triton's
+bundled ``ptxas -v`` on the PTX and reports the registers per thread, the spill bytes and ptxas's
+performance notes. The one that matters here is C7513, "wgmma.mma_async instructions are serialized
+due to non wgmma instructions defining input registers of a wgmma between start and end of the
+pipeline stage": it is what keeping a pair of slices in flight across the MMA wait ran into
+(BENCHMARKS.md, "pipelined MMA groups"), and a kernel that draws it waits for every MMA before
+issuing the next. The device's ptxas may allocate a few more registers (254 on the H100 where this
+machine's reads 241), so the count is a guide, the notes and spills the facts.
+
+Run with ``TRITON_INTERPRET`` unset (the interpreter builds no PTX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages: int = 6, module: str | None = None,
+              extra: dict | None = None) -> str:
+    """The kernel's PTX for sm_90a at one launch shape (64 weight rows per tile); ``module``: another
+    copy of kernels/gluon_w4a16.py (a variant), ``extra``: constexprs only that copy's kernel takes."""
+    import importlib.util
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from klaq.kernels import gluon_w4a16
+
+    if module:
+        spec = importlib.util.spec_from_file_location("wgmma_variant", module)
+        gluon_w4a16 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gluon_w4a16)
+    fn = gluon_w4a16._gemm_wgmma_kernel
+    layout = gl.NVMMASharedLayout.get_default_for([block_m, sub], gl.float16)
+    sig = {"x_desc": f"tensordesc<fp16[{block_m}, {sub}],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16",
+           "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+           "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
+           "units": "i32", "dp": "i32"}
+    consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=block_m, SUB=sub, STAGES=stages,
+                  OUT_VEC=4, OUT_TN=16, num_warps=4, **(extra or {}))
+    sig.update({c: "constexpr" for c in consts})
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+
+
+def ptxas_path() -> str:
+    """The ptxas this Triton itself runs for sm_90 (Triton 3.9 takes its newer ``ptxas-blackwell`` for
+    sm_90 too: the bundled plain ``ptxas`` cannot read the PTX version it writes)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
+
+
+def ptxas_report(ptx: str) -> dict:
+    """``ptxas -v -arch=sm_90a`` on ``ptx``: registers, spill bytes and the info lines that carry a
+    diagnostic code (C7513 and the like), in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+    if res.returncode:
+        raise RuntimeError(res.stderr[-2000:])
+    log = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    notes = [re.sub(r"^.*?info\s*:\s*", "", line).strip() for line in log.splitlines() if re.search(r"\(C\d{4}\)", line)]
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
+                serialized=any("C7513" in n for n in notes), notes=notes)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--block-m", type=int, default=128, help="tokens per tile (64, 128 or 256)")
+    ap.add_argument("--sub", type=int, default=64, help="codes per slice (block_k / 8: 16, 32 or 64)")
+    ap.add_argument("--zero", action="store_true", help="zero points (asymmetric weights)")
+    ap.add_argument("--stages", type=int, default=6)
+    ap.add_argument("--module", help="compile this copy of kernels/gluon_w4a16.py instead (a variant)")
+    ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
+                    help="a constexpr only the variant's kernel takes (a Python literal), repeatable")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: unset TRITON_INTERPRET (the interpreter builds no PTX)", file=sys.stderr)
+        return 2
+    extra = {name: ast.literal_eval(value) for name, value in (c.split("=", 1) for c in args.const)}
+    ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra)
+    rep = dict(block_m=args.block_m, sub=args.sub, zero=args.zero, stages=args.stages, **extra, **ptxas_report(ptx))
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        print(f"_gemm_wgmma_kernel, {args.block_m}-token tiles, {args.sub}-code slices, "
+              f"{'zero points' if args.zero else 'symmetric'}: {rep['registers']} registers, "
+              f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
+        for note in rep["notes"]:
+            print("  " + note)
+        print("wgmma serialized (C7513): " + ("YES" if rep["serialized"] else "no"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""bench/wgmma_ptxas.py: the Hopper wgmma kernel through ptxas for sm_90a, on the CPU machine.
+
+The committed kernel must compile without serialized wgmmas (ptxas C7513) and without spills; a copy
+that keeps a pair of slices in flight across the MMA wait must draw C7513, so the check can fail.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+WAIT = "acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))"
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+def report(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "wgmma_ptxas.py"), "--json", *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# bytes of spill allowed: with zero points at 128-token tiles the ptxas of Triton 3.9 (CUDA 13.4) spills
+# 8 bytes each way at 255 registers, Triton 3.6's (the H100's) none at 248
+@pytest.mark.parametrize("args,spill", [((), 0), (("--zero",), 64), (("--block-m", "64", "--sub", "32"), 0)])
+def test_the_kernel_keeps_its_mmas_asynchronous_and_does_not_spill(args, spill):
+    rep = report(*args)
+    assert not rep["serialized"], rep["notes"]
+    assert rep["spill_stores"] <= spill and rep["spill_loads"] <= spill, rep
+    assert 0 < rep["registers"] <= 255
+
+
+def test_a_pair_kept_in_flight_across_the_wait_is_reported_serialized(tmp_path):
+    source = (ROOT / "kernels" / "gluon_w4a16.py").read_text()
+    assert source.count(WAIT) == 1
+    variant = tmp_path / "in_flight.py"
+    variant.write_text(source.replace(WAIT, WAIT.replace("num_outstanding=0", "num_outstanding=2")))
+    rep = report("--module", str(variant))
+    assert rep["serialized"] and any("C7513" in n for n in rep["notes"]), rep
