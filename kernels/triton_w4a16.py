@@ -1020,8 +1020,8 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     args = (x2, w.qweight, w.scales, offsets, y, ws, counters, m, n, k, w.qweight.shape[1], x2.stride(0),
             y.stride(0), w.group_size, tps, w.n_tiles)
     meta = dict(HAS_ZERO=w.offsets is not None, EVEN_K=k % w.block_k == 0, BLOCK_N=cfg["block_n"],
-                SUB=w.block_k // 8, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    meta["SPLIT_SUM"] = _SPLIT_SUM
+                SUB=w.block_k // 8, SPLIT=split, SPLIT_SUM=_SPLIT_SUM, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
     dot_f32 = _INTERPRET and x.dtype == torch.bfloat16
     pair_group = w.group_size % (w.block_k // 4) == 0  # slices 2p and 2p + 1 always share a group
     if kind == "gemv":

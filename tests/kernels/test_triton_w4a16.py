@@ -6,7 +6,7 @@ the GPU cases add the big and ragged shapes.
 
 import numpy as np
 import pytest
-from w4_helpers import HAS_CUDA, W4_SIG, ptx_for_sm90, random_qweight, rel_err
+from w4_helpers import HAS_CUDA, W4_SIG, barrier_between, ptx_for_sm90, random_qweight, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -296,10 +296,6 @@ SPLIT_KERNELS = {  # name: (kernel in klaq.kernels.triton_w4a16, constexprs), ea
 }
 
 
-def _barrier_between(lines, first: int, last: int) -> bool:
-    return any("bar.sync" in s or "barrier.sync" in s for s in lines[first + 1:last])
-
-
 @pytest.mark.parametrize("how", ["slots", "atomic"])
 def test_split_k_publishes_its_writes_by_barrier_then_one_release(how):
     """In the sm_90 PTX of each split-K kernel, a program's workspace writes are published the way
@@ -325,8 +321,8 @@ def test_split_k_publishes_its_writes_by_barrier_then_one_release(how):
             writes = [i for i in stores if i < count[0]]
             reads = [i for i, s in enumerate(lines) if "ld.global.cg" in s and i > count[0]]
         assert writes and reads, name
-        assert _barrier_between(lines, max(writes), count[0]), name
-        assert _barrier_between(lines, count[0], min(reads)), name
+        assert barrier_between(lines, max(writes), count[0]), name
+        assert barrier_between(lines, count[0], min(reads)), name
 
 
 @pytest.mark.parametrize("how", ["atomic", "atomic_masked", "slots"])

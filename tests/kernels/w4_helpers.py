@@ -96,3 +96,8 @@ def ptx_for_sm90(jobs: list) -> dict:
     """PTX for sm_90 by job key; a job is ``(key, module, kernel, signature, constexprs)`` with module
     ``"w4"`` (klaq.kernels.triton_w4a16) or ``"ops"`` (klaq.runtime.triton_ops)."""
     return json.loads(without_interpreter(_CHILD, json.dumps(jobs)).strip().splitlines()[-1])
+
+
+def barrier_between(ptx_lines: list, first: int, last: int) -> bool:
+    """Whether a CTA barrier lies strictly between PTX lines ``first`` and ``last``."""
+    return any("bar.sync" in s or "barrier.sync" in s for s in ptx_lines[first + 1:last])
