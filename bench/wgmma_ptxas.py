@@ -1,11 +1,13 @@
-"""What ptxas makes of the Hopper wgmma kernel, on any machine (no GPU): registers, spills, notes.
+"""What ptxas makes of the Hopper wgmma kernels, on any machine (no GPU): registers, spills, notes.
 
     python bench/wgmma_ptxas.py [--block-m 128] [--sub 64] [--zero] [--json]
+    python bench/wgmma_ptxas.py --kernel tall [--sub 64] [--zero]
     cp kernels/gluon_w4a16.py /tmp/v.py && patch /tmp/v.py bench/results/wgmma_pipelined.diff
     python bench/wgmma_ptxas.py --module /tmp/v.py --const PARTS=1 --const TILE_WAIT=False \
         --const TMA_LATE=False --const X_EARLY=False
 
-Builds ``_gemm_wgmma_kernel`` (kernels/gluon_w4a16.py) for sm_90a with Triton's Gluon, runs Triton's
+Builds ``_gemm_wgmma_kernel`` (kernels/gluon_w4a16.py; or, with ``--kernel tall``, kernels/gluon_w4a16_tall.py's
+``_gemm_tall_kernel``) for sm_90a with Triton's Gluon, runs Triton's
 bundled ``ptxas -v`` on the PTX and reports the registers per thread, the spill bytes and ptxas's
 performance notes. The one that matters here is C7513, "wgmma.mma_async instructions are serialized
 due to non wgmma instructions defining input registers of a wgmma between start and end of the
@@ -59,6 +61,29 @@ def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
 
 
+def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool = True) -> str:
+    """The PTX of kernels/gluon_w4a16_tall.py's kernel (128 weight rows x 256 tokens, 8 warps) for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from klaq.kernels import gluon_w4a16_tall
+
+    fn = gluon_w4a16_tall._gemm_tall_kernel
+    hs = sub // 2
+    layout = gl.NVMMASharedLayout.get_default_for([gluon_w4a16_tall.TOKENS, hs], gl.float16)
+    sig = {"x_desc": f"tensordesc<fp16[{gluon_w4a16_tall.TOKENS}, {hs}],{layout!r}>", "w_ptr": "*i32",
+           "s_ptr": "*fp16", "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
+           "N": "i32", "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
+           "units": "i32", "dp": "i32"}
+    consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=gluon_w4a16_tall.BLOCK_N,
+                  BLOCK_M=gluon_w4a16_tall.TOKENS, SUB=sub, STAGES=stages, CHUNK=32, SPIN=spin, num_warps=8)
+    sig.update({c: "constexpr" for c in consts})
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ptx"]
+
+
 def ptxas_path() -> str:
     """The ptxas this Triton itself runs for sm_90 (Triton 3.9 takes its newer ``ptxas-blackwell`` for
     sm_90 too: the bundled plain ``ptxas`` cannot read the PTX version it writes)."""
@@ -89,6 +114,8 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=("wgmma", "tall"), default="wgmma",
+                    help="gluon_w4a16's kernel, or gluon_w4a16_tall's (128 x 256 tiles; --sub 32 or 64)")
     ap.add_argument("--block-m", type=int, default=128, help="tokens per tile (64, 128 or 256)")
     ap.add_argument("--sub", type=int, default=64, help="codes per slice (block_k / 8: 16, 32 or 64)")
     ap.add_argument("--zero", action="store_true", help="zero points (asymmetric weights)")
@@ -102,12 +129,17 @@ def main() -> int:
         print("error: unset TRITON_INTERPRET (the interpreter builds no PTX)", file=sys.stderr)
         return 2
     extra = {name: ast.literal_eval(value) for name, value in (c.split("=", 1) for c in args.const)}
-    ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra)
-    rep = dict(block_m=args.block_m, sub=args.sub, zero=args.zero, stages=args.stages, **extra, **ptxas_report(ptx))
+    if args.kernel == "tall":
+        ptx = tall_ptx(args.sub, args.zero, args.stages)
+    else:
+        ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra)
+    rep = dict(kernel=args.kernel, block_m=args.block_m, sub=args.sub, zero=args.zero, stages=args.stages, **extra,
+               **ptxas_report(ptx))
     if args.json:
         print(json.dumps(rep))
     else:
-        print(f"_gemm_wgmma_kernel, {args.block_m}-token tiles, {args.sub}-code slices, "
+        tiles = "128 x 256 tiles" if args.kernel == "tall" else f"{args.block_m}-token tiles"
+        print(f"{args.kernel} kernel, {tiles}, {args.sub}-code slices, "
               f"{'zero points' if args.zero else 'symmetric'}: {rep['registers']} registers, "
               f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
         for note in rep["notes"]:

@@ -143,6 +143,26 @@ def _owner(u, units, programs, dp, n_tiles):
 
 
 @gluon.jit
+def _mma_pair(a0, a1, x_smem, bars, c, acc, STAGES: gl.constexpr):
+    """The asynchronous wgmmas of a pair of slices (dequantized weights ``a0``, ``a1`` in registers),
+    each issued once its x slice (ring stages of counts ``c``, ``c + 1``) has arrived; returns the token."""
+    mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1)
+    tok = warpgroup_mma(a0, x_smem.index(c % STAGES).permute((1, 0)), acc, is_async=True)
+    mbarrier.wait(bars.index((c + 1) % STAGES), ((c + 1) // STAGES) & 1)
+    return warpgroup_mma(a1, x_smem.index((c + 1) % STAGES).permute((1, 0)), tok, is_async=True)
+
+
+@gluon.jit
+def _segment(u, u_end, n_tiles, blocks_m, BLOCK_M: gl.constexpr):
+    """A share's segment from unit ``u``: its output tile, K-tiles ``[t_start, t_end)``, the tile's
+    weight-row block and first token."""
+    tile = u // n_tiles
+    t_start = u % n_tiles
+    t_end = gl.minimum(n_tiles, t_start + u_end - u)
+    return tile, t_start, t_end, tile // blocks_m, (tile % blocks_m) * BLOCK_M
+
+
+@gluon.jit
 def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
                        n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
                        BLOCK_N: gl.constexpr,
@@ -184,13 +204,9 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     cols = gl.arange(0, SUB, layout=gl.SliceLayout(0, a_layout))
     c = 0  # x slices consumed by this program: the ring's stage and phase
     while u < u_end:
-        tile = u // n_tiles
-        t_start = u % n_tiles
-        t_end = gl.minimum(n_tiles, t_start + u_end - u)
+        tile, t_start, t_end, pid_n, m0 = _segment(u, u_end, n_tiles, blocks_m, BLOCK_M)
         u_seg = u
         u += t_end - t_start
-        pid_n = tile // blocks_m
-        m0 = (tile % blocks_m) * BLOCK_M
         n_slices = (t_end - t_start) * 8
         k_base = t_start * 8 * SUB
         c0 = c
@@ -218,10 +234,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
             (ns0a, ns0b, no0a, no0b, ns1a, ns1b, no1a, no1b, ns2a, ns2b, no2a, no2b, ns3a, ns3b, no3a,
              no3b) = _tile_scales(s_ptr, o_ptr, kn, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
             for p in gl.static_range(4):
-                mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1)
-                tok = warpgroup_mma(a0, x_smem.index(c % STAGES).permute((1, 0)), acc, is_async=True)
-                mbarrier.wait(bars.index((c + 1) % STAGES), ((c + 1) // STAGES) & 1)
-                tok = warpgroup_mma(a1, x_smem.index((c + 1) % STAGES).permute((1, 0)), tok, is_async=True)
+                tok = _mma_pair(a0, a1, x_smem, bars, c, acc, STAGES)
                 # the previous pair is done (waited below): its stages take the pair AHEAD pairs on
                 j = c - c0 + 2 * AHEAD
                 _issue_x(x_desc, x_smem, bars, m0, k_base, j, n_slices, c0, SUB, STAGES)
@@ -353,6 +366,17 @@ def tokens_per_tile(m: int, n: int, sms: int, block_n: int = 64, block_m: int | 
     if block_m is None:
         block_m = default_block_m(m, n, sms, block_n)
     return min(block_m, max(64, triton.next_power_of_2(m)))
+
+
+def gemm_prefill(x: torch.Tensor, w: TritonW4) -> torch.Tensor:
+    """The dispatch's Hopper kernel for M > 16: gluon_w4a16_tall's 128 x 256 tiles where
+    :func:`~klaq.kernels.gluon_w4a16_tall.use_tall` says they are faster, else :func:`gemm_wgmma`."""
+    from klaq.kernels import gluon_w4a16_tall  # imports this module: not at the top
+
+    x2 = x.reshape(-1, w.in_features)
+    if gluon_w4a16_tall.use_tall(x2.shape[0], w, _sm_count(x.device)):
+        return gluon_w4a16_tall.gemm_tall(x, w)
+    return gemm_wgmma(x, w)
 
 
 def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | None = None, stages: int = 6,

@@ -36,7 +36,9 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   registers, only x is staged). M = 17-128.
 * ``dequant``: the whole weight to the activation dtype in a scratch buffer, then cuBLAS. M > 128.
 * ``wgmma`` (gluon_w4a16.py): on Hopper with fp16 activations it replaces ``gemm_swap`` and
-  ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights.
+  ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights; from
+  M = 129, where 128 x 256 tiles fill two thirds of the SMs, gluon_w4a16_tall.py's two-warpgroup
+  kernel (a weight dequantized once per 256 tokens).
 * ``gemv_tma`` (gluon_gemv.py): on Hopper, for symmetric weights, each program's words arrive by
   TMA (with PDL before its wait, so a GEMV's weights stream in while the kernel before it runs).
   In place of ``gemv_h2`` for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`).
@@ -52,7 +54,7 @@ decode step 10% faster and a chain of large GEMVs alone no faster.
 
 Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.3-2.9x cuBLAS fp16 on
 Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
-0.8-1.2x (0.9-1.4x with ``wgmma``); M = 256 0.5-0.6x (0.8-0.94x with ``wgmma``).
+0.8-1.2x (0.9-1.4x with ``wgmma``); M = 256 0.5-0.6x (0.87-0.95x with ``wgmma`` and the 128 x 256 kernel).
 """
 
 from __future__ import annotations
@@ -977,9 +979,10 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     if kind == "gemv_h2" and x.dtype != torch.float16:
         raise ValueError("gemv_h2 takes fp16 activations")
     if kind in ("gemm_swap", "dequant") and kernel is None and wgmma_ok(x2, k):
-        # M > 16 on Hopper: 1.1-1.4x at M = 64, 0.8-0.94x at M = 256 (bench/kernels.py). A Triton whose
-        # Gluon cannot build it (another version's API) falls back to the Triton GEMMs, once, with a warning.
-        y = _try_optional(_GLUON, "Hopper wgmma kernel", "the Triton GEMMs", lambda: _GLUON[0].gemm_wgmma(x2, w))
+        # M > 16 on Hopper: 1.1-1.4x at M = 64, 0.8-0.94x at M = 256 (bench/kernels.py); from M = 129 the
+        # 128 x 256 tiles where they fill the SMs (gluon_w4a16.gemm_prefill). A Triton whose Gluon cannot
+        # build them (another version's API) falls back to the Triton GEMMs, once, with a warning.
+        y = _try_optional(_GLUON, "Hopper wgmma kernel", "the Triton GEMMs", lambda: _GLUON[0].gemm_prefill(x2, w))
         if y is not None:
             return y.reshape(*lead, n)
     gemv = kind.startswith("gemv")

@@ -10,6 +10,7 @@ import pytest
 from w4_helpers import (
     HAS_CUDA,
     barrier_between,
+    check_cuda_kernel,
     falls_back_once,
     random_qweight,
     rel_err,
@@ -28,14 +29,7 @@ hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 (Hopper) GPU")
 def check(n, k, group_size, asym, m, seed=0, **config):
     from klaq.kernels.gluon_w4a16 import gemm_wgmma
 
-    qw = random_qweight(n, k, group_size, asym, seed=seed)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).half()
-    w = repack(qw, "cuda")
-    y = gemm_wgmma(x.cuda(), w, **config)
-    assert y.shape == (m, n) and y.dtype == torch.float16
-    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
-    assert err < 2e-3, err
-    return w, x.cuda(), y
+    return check_cuda_kernel(gemm_wgmma, n, k, group_size, asym, m, seed, **config)
 
 
 def test_off_hopper_the_kernel_is_never_picked():
@@ -170,7 +164,7 @@ def test_a_gluon_that_cannot_build_falls_back_once(monkeypatch):
     """Where the Hopper kernel fails to build or launch (another Triton's Gluon API), the call
     warns, takes the Triton GEMM and never tries the kernel again in this process."""
     x = torch.randn(24, 576, generator=torch.Generator().manual_seed(1)).half()
-    falls_back_once(monkeypatch, "_GLUON", "gemm_wgmma", "wgmma_ok", random_qweight(40, 576, 64, False), x,
+    falls_back_once(monkeypatch, "_GLUON", "gemm_prefill", "wgmma_ok", random_qweight(40, 576, 64, False), x,
                     "wgmma kernel is unavailable")
 
 

@@ -24,6 +24,22 @@ def random_qweight(n: int, k: int, group_size: int, asym: bool, seed: int = 0) -
     return QuantizedWeight(codes, scales, zeros, 4, group_size)
 
 
+def check_cuda_kernel(fn, n: int, k: int, group_size: int, asym: bool, m: int, seed: int = 0, **config):
+    """``fn(x, w, **config)`` (an fp16 CUDA kernel) against the numpy reference for a random weight
+    and ``x [m, k]``; returns the repacked weight, x on the GPU and y."""
+    from klaq.kernels.numpy_ref import reference_matmul
+    from klaq.kernels.triton_w4a16 import repack
+
+    qw = random_qweight(n, k, group_size, asym, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).half()
+    w = repack(qw, "cuda")
+    y = fn(x.cuda(), w, **config)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
+    assert err < 2e-3, err
+    return w, x.cuda(), y
+
+
 def rel_err(y, ref) -> float:
     y = np.asarray(y, dtype=np.float64)
     assert np.isfinite(y).all()
