@@ -31,16 +31,30 @@ import sys
 import tempfile
 
 
+def _gluon_ptx(fn, block: list, consts: dict) -> str:
+    """``fn``'s PTX for sm_90a: a kernel with the runtime arguments both Hopper GEMMs take (x's TMA
+    descriptor of ``block`` = [tokens, codes], then pointers and ints) and constexprs ``consts``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
+    sig = {"x_desc": f"tensordesc<fp16[{block[0]}, {block[1]}],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16",
+           "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+           "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
+           "units": "i32", "dp": "i32"}
+    sig.update({c: "constexpr" for c in consts})
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
+    options = dict(num_warps=consts["num_warps"])
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
 def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages: int = 6, module: str | None = None,
               extra: dict | None = None) -> str:
     """The kernel's PTX for sm_90a at one launch shape (64 weight rows per tile); ``module``: another
     copy of kernels/gluon_w4a16.py (a variant), ``extra``: constexprs only that copy's kernel takes."""
     import importlib.util
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from klaq.kernels import gluon_w4a16
 
@@ -48,40 +62,18 @@ def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages:
         spec = importlib.util.spec_from_file_location("wgmma_variant", module)
         gluon_w4a16 = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(gluon_w4a16)
-    fn = gluon_w4a16._gemm_wgmma_kernel
-    layout = gl.NVMMASharedLayout.get_default_for([block_m, sub], gl.float16)
-    sig = {"x_desc": f"tensordesc<fp16[{block_m}, {sub}],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16",
-           "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
-           "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
-           "units": "i32", "dp": "i32"}
     consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=block_m, SUB=sub, STAGES=stages,
                   OUT_VEC=4, OUT_TN=16, num_warps=4, **(extra or {}))
-    sig.update({c: "constexpr" for c in consts})
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    return _gluon_ptx(gluon_w4a16._gemm_wgmma_kernel, [block_m, sub], consts)
 
 
 def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool = True) -> str:
     """The PTX of kernels/gluon_w4a16_tall.py's kernel (128 weight rows x 256 tokens, 8 warps) for sm_90a."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from klaq.kernels import gluon_w4a16_tall as tall
 
-    from klaq.kernels import gluon_w4a16_tall
-
-    fn = gluon_w4a16_tall._gemm_tall_kernel
-    hs = sub // 2
-    layout = gl.NVMMASharedLayout.get_default_for([gluon_w4a16_tall.TOKENS, hs], gl.float16)
-    sig = {"x_desc": f"tensordesc<fp16[{gluon_w4a16_tall.TOKENS}, {hs}],{layout!r}>", "w_ptr": "*i32",
-           "s_ptr": "*fp16", "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
-           "N": "i32", "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
-           "units": "i32", "dp": "i32"}
-    consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=gluon_w4a16_tall.BLOCK_N,
-                  BLOCK_M=gluon_w4a16_tall.TOKENS, SUB=sub, STAGES=stages, CHUNK=32, SPIN=spin, num_warps=8)
-    sig.update({c: "constexpr" for c in consts})
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ptx"]
+    consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=tall.BLOCK_N, BLOCK_M=tall.TOKENS, SUB=sub,
+                  STAGES=stages, CHUNK=32, SPIN=spin, num_warps=8)
+    return _gluon_ptx(tall._gemm_tall_kernel, [tall.TOKENS, sub // 2], consts)
 
 
 def ptxas_path() -> str:

@@ -99,6 +99,20 @@ def _packed(sa, sb, oa, ob, HAS_ZERO: gl.constexpr):
 
 
 @gluon.jit
+def _tile_packed(s_ptr, o_ptr, k0, SUB: gl.constexpr, s_rows, N, group_size, HAS_ZERO: gl.constexpr,
+                 PAIR_GROUP: gl.constexpr):
+    """A tile's 4 pairs of scales and negated offsets, packed at once (a segment's first tile, where
+    nothing else could hide their load): ``(p0s, p0o, ..., p3s, p3o)``."""
+    (s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a,
+     o3b) = _tile_scales(s_ptr, o_ptr, k0, SUB, s_rows, N, group_size, HAS_ZERO, PAIR_GROUP)
+    p0s, p0o = _packed(s0a, s0b, o0a, o0b, HAS_ZERO)
+    p1s, p1o = _packed(s1a, s1b, o1a, o1b, HAS_ZERO)
+    p2s, p2o = _packed(s2a, s2b, o2a, o2b, HAS_ZERO)
+    p3s, p3o = _packed(s3a, s3b, o3a, o3b, HAS_ZERO)
+    return p0s, p0o, p1s, p1o, p2s, p2o, p3s, p3o
+
+
+@gluon.jit
 def _dq_pair(words, p: gl.constexpr, s2, no2, HAS_ZERO: gl.constexpr):
     """Slices 2p and 2p + 1 (nibbles p and p + 4) of a tile's words as two fp16 operands, from the
     pair's packed scales and negated offsets (:func:`_packed`)."""
@@ -219,12 +233,8 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         words = gl.load(w_ptrs + t_start * SUB)
         k0 = t_start * 8 * SUB
-        (s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a,
-         o3b) = _tile_scales(s_ptr, o_ptr, k0, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
-        p0s, p0o = _packed(s0a, s0b, o0a, o0b, HAS_ZERO)
-        p1s, p1o = _packed(s1a, s1b, o1a, o1b, HAS_ZERO)
-        p2s, p2o = _packed(s2a, s2b, o2a, o2b, HAS_ZERO)
-        p3s, p3o = _packed(s3a, s3b, o3a, o3b, HAS_ZERO)
+        p0s, p0o, p1s, p1o, p2s, p2o, p3s, p3o = _tile_packed(s_ptr, o_ptr, k0, SUB, rows, N, group_size,
+                                                              HAS_ZERO, PAIR_GROUP)
         a0, a1 = _dq_pair(words, 0, p0s, p0o, HAS_ZERO)
         for t in range(t_start, t_end):
             # the next tile's words and raw scales (this tile's again at the end: finite, unused)

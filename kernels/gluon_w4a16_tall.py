@@ -38,6 +38,7 @@ from klaq.kernels.gluon_w4a16 import (
     _segment,
     _slots,
     _sm_count,
+    _tile_packed,
     _tile_scales,
     _tma_load,
     grid,
@@ -83,9 +84,9 @@ def _slot_of(q, tile, units, programs, dp, n_tiles):
 def _sum_slots(ws_ptr, y_ptr, tile, q0, q1, units, programs, dp, n_tiles, m0, n0, M, N, stride_ym,
                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, CHUNK: gl.constexpr, num_warps: gl.constexpr):
     """y's tile from the slots of programs ``q0..q1``, added in program order (deterministic), in
-    chunks of ``CHUNK`` weight rows with the first four slots' loads of a chunk in flight together
-    (one L2 round trip per chunk, not one per slot; the accumulator's own layout, loaded whole,
-    kept few loads in flight and took 17 us at 14336 x 4096, M = 256)."""
+    chunks of ``CHUNK`` weight rows with the first four slots' loads of a chunk in flight together.
+    Neither this nor adding the others' slots into the accumulator (its own layout) made the reads
+    cheap: 9-12 us at M = 256 on an H100 (BENCHMARKS.md, "M > 128: 128 x 256 tiles")."""
     fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])  # token-contiguous
     fix_out: gl.constexpr = gl.BlockedLayout([1, CHUNK // 2], [16, 2], [num_warps, 1], [1, 0])  # n-contiguous
     TILE: gl.constexpr = BLOCK_M * BLOCK_N
@@ -156,12 +157,8 @@ def _gemm_tall_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
         w_ptrs = w_ptr + gl.expand_dims(rows, 1) * Kw + gl.expand_dims(cols, 0)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         words = gl.load(w_ptrs + t_start * SUB)
-        (s0a, s0b, o0a, o0b, s1a, s1b, o1a, o1b, s2a, s2b, o2a, o2b, s3a, s3b, o3a,
-         o3b) = _tile_scales(s_ptr, o_ptr, t_start * 8 * SUB, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
-        p0s, p0o = _packed(s0a, s0b, o0a, o0b, HAS_ZERO)
-        p1s, p1o = _packed(s1a, s1b, o1a, o1b, HAS_ZERO)
-        p2s, p2o = _packed(s2a, s2b, o2a, o2b, HAS_ZERO)
-        p3s, p3o = _packed(s3a, s3b, o3a, o3b, HAS_ZERO)
+        p0s, p0o, p1s, p1o, p2s, p2o, p3s, p3o = _tile_packed(s_ptr, o_ptr, t_start * 8 * SUB, SUB, rows, N,
+                                                              group_size, HAS_ZERO, PAIR_GROUP)
         a0, a1 = _dq_pair(words, 0, p0s, p0o, HAS_ZERO)
         for t in range(t_start, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
@@ -237,11 +234,11 @@ def tall_ok(w: TritonW4) -> bool:
     return w.block_k >= 256
 
 
-def default_programs(tiles: int, k_tiles: int, sms: int) -> tuple[int, int]:
+def default_programs(tiles: int) -> tuple[int, int]:
     """``(programs, dp)``: one program per output tile. H100, M = 256-2048 (bench/tall_probe.py, raw:
     bench/results/tall_probe_h100.txt): per tile beat stream-K over one program per SM wherever the
     dispatch takes this kernel, or was within 4% of it (6144 x 4096 and 14336 x 4096 at M = 1024);
-    a share's partial tile (128 KB of fp32) and the fixup cost 18-20 us at M = 256."""
+    at M = 256 the exchange of the shares' partial tiles (128 KB of fp32 each) cost 18-24 us."""
     return tiles, tiles
 
 
@@ -273,7 +270,7 @@ def gemm_tall(x: torch.Tensor, w: TritonW4, stages: int = 6, programs: int | Non
     blocks_m = triton.cdiv(m, TOKENS)
     tiles = triton.cdiv(n, BLOCK_N) * blocks_m
     if programs is None:
-        programs, default_dp = default_programs(tiles, w.n_tiles, _sm_count(x.device))
+        programs, default_dp = default_programs(tiles)
         dp = default_dp if dp is None else dp
     programs, dp = grid(programs, dp or 0, tiles, w.n_tiles)
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)

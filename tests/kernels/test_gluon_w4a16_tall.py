@@ -64,8 +64,8 @@ def test_tall_default_programs():
     """One program per output tile (stream-K only when asked for)."""
     tall = pytest.importorskip("klaq.kernels.gluon_w4a16_tall")
 
-    assert tall.default_programs(112, 8, 132) == (112, 112)
-    assert tall.default_programs(448, 8, 132) == (448, 448)
+    assert tall.default_programs(112) == (112, 112)
+    assert tall.default_programs(448) == (448, 448)
 
 
 @pytest.mark.parametrize("stages", [0, 2, 3])
