@@ -1,7 +1,7 @@
 """What ptxas makes of the Hopper wgmma kernels, on any machine (no GPU): registers, spills, notes.
 
     python bench/wgmma_ptxas.py [--block-m 128] [--sub 64] [--zero] [--json]
-    python bench/wgmma_ptxas.py --kernel tall [--sub 64] [--zero]
+    python bench/wgmma_ptxas.py --kernel tall [--sub 64] [--zero] [--whole-tiles]
     cp kernels/gluon_w4a16.py /tmp/v.py && patch /tmp/v.py bench/results/wgmma_pipelined.diff
     python bench/wgmma_ptxas.py --module /tmp/v.py --const PARTS=1 --const TILE_WAIT=False \
         --const TMA_LATE=False --const X_EARLY=False
@@ -67,12 +67,13 @@ def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages:
     return _gluon_ptx(gluon_w4a16._gemm_wgmma_kernel, [block_m, sub], consts)
 
 
-def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool = True) -> str:
-    """The PTX of kernels/gluon_w4a16_tall.py's kernel (128 weight rows x 256 tokens, 8 warps) for sm_90a."""
+def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool = True, shared: bool = True) -> str:
+    """The PTX of kernels/gluon_w4a16_tall.py's kernel (128 weight rows x 256 tokens, 8 warps) for sm_90a;
+    ``shared``: with the stream-K shares' exchange (else whole tiles only, the default launch)."""
     from klaq.kernels import gluon_w4a16_tall as tall
 
     consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=tall.BLOCK_N, BLOCK_M=tall.TOKENS, SUB=sub,
-                  STAGES=stages, CHUNK=32, SPIN=spin, num_warps=8)
+                  STAGES=stages, CHUNK=32, SPIN=spin, SHARED=shared, num_warps=8)
     return _gluon_ptx(tall._gemm_tall_kernel, [tall.TOKENS, sub // 2], consts)
 
 
@@ -112,6 +113,8 @@ def main() -> int:
     ap.add_argument("--sub", type=int, default=64, help="codes per slice (block_k / 8: 16, 32 or 64)")
     ap.add_argument("--zero", action="store_true", help="zero points (asymmetric weights)")
     ap.add_argument("--stages", type=int, default=6)
+    ap.add_argument("--whole-tiles", action="store_true",
+                    help="tall: the build for whole tiles only (no stream-K exchange; its default launch)")
     ap.add_argument("--module", help="compile this copy of kernels/gluon_w4a16.py instead (a variant)")
     ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
                     help="a constexpr only the variant's kernel takes (a Python literal), repeatable")
@@ -122,15 +125,17 @@ def main() -> int:
         return 2
     extra = {name: ast.literal_eval(value) for name, value in (c.split("=", 1) for c in args.const)}
     if args.kernel == "tall":
-        ptx = tall_ptx(args.sub, args.zero, args.stages)
+        ptx = tall_ptx(args.sub, args.zero, args.stages, shared=not args.whole_tiles)
     else:
         ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra)
-    rep = dict(kernel=args.kernel, block_m=args.block_m, sub=args.sub, zero=args.zero, stages=args.stages, **extra,
-               **ptxas_report(ptx))
+    rep = dict(kernel=args.kernel, whole_tiles=args.whole_tiles, block_m=args.block_m, sub=args.sub, zero=args.zero,
+               stages=args.stages, **extra, **ptxas_report(ptx))
     if args.json:
         print(json.dumps(rep))
     else:
-        tiles = "128 x 256 tiles" if args.kernel == "tall" else f"{args.block_m}-token tiles"
+        tiles = f"{args.block_m}-token tiles"
+        if args.kernel == "tall":
+            tiles = "128 x 256 tiles" + (" (whole tiles only)" if args.whole_tiles else "")
         print(f"{args.kernel} kernel, {tiles}, {args.sub}-code slices, "
               f"{'zero points' if args.zero else 'symmetric'}: {rep['registers']} registers, "
               f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")

@@ -118,13 +118,15 @@ def _sum_slots(ws_ptr, y_ptr, tile, q0, q1, units, programs, dp, n_tiles, m0, n0
 def _gemm_tall_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
                       n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
                       BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr,
-                      CHUNK: gl.constexpr, SPIN: gl.constexpr, num_warps: gl.constexpr):
+                      CHUNK: gl.constexpr, SPIN: gl.constexpr, SHARED: gl.constexpr, num_warps: gl.constexpr):
     # Stream-K over units (K-tiles of output tiles) as in gluon_w4a16's kernel: the first ``dp``
     # programs take whole tiles, the rest equal shares of the units left (the default launch is one
     # program per tile: default_programs says why). A share's partial tile goes to the program's own
     # fp32 slot and one program sums the tile's slots in program order (deterministic), its own read
     # back too, in chunks of ``CHUNK`` weight rows (_sum_slots): a second 128 x 256 fp32 tile beside
-    # the accumulator would not fit the registers.
+    # the accumulator would not fit the registers. ``SHARED`` False (whole tiles only, the default
+    # launch) compiles none of that: 223 registers against 233 (sm_90a, symmetric), 14336 x 4096 at
+    # M = 256 58.2-58.3 us against 58.7-58.9 on an H100 (bench/results/tall_shares_ab_h100.txt).
     HS: gl.constexpr = SUB // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
@@ -195,7 +197,7 @@ def _gemm_tall_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
             p2s, p2o = _packed(ns2a, ns2b, no2a, no2b, HAS_ZERO)
             p3s, p3o = _packed(ns3a, ns3b, no3a, no3b, HAS_ZERO)
 
-        if t_end - t_start == n_tiles:
+        if not SHARED or t_end - t_start == n_tiles:
             _store_y(y_ptr, acc, m0, pid_n * BLOCK_N, M, N, stride_ym, out_l)
         else:
             # A share's partial tile goes to the program's own fp32 slot (first or last segment).
@@ -281,5 +283,5 @@ def gemm_tall(x: torch.Tensor, w: TritonW4, stages: int = 6, programs: int | Non
                                     y.stride(0), w.group_size, w.n_tiles, blocks_m, tiles * w.n_tiles, dp,
                                     HAS_ZERO=w.offsets is not None, PAIR_GROUP=w.group_size % (w.block_k // 4) == 0,
                                     BLOCK_N=BLOCK_N, BLOCK_M=TOKENS, SUB=w.block_k // 8, STAGES=stages, CHUNK=32,
-                                    SPIN=programs <= _sm_count(x.device), num_warps=8)
+                                    SPIN=programs <= _sm_count(x.device), SHARED=dp < programs, num_warps=8)
     return y.reshape(*x.shape[:-1], n)

@@ -46,10 +46,23 @@ def test_a_pair_kept_in_flight_across_the_wait_is_reported_serialized(tmp_path):
 
 
 # Triton 3.9's ptxas spills 8 bytes each way in the symmetric 64-code build at 255 registers; Triton 3.6's
-# (the H100's) none at 233
-@pytest.mark.parametrize("args,spill", [((), 64), (("--zero",), 64), (("--sub", "32", "--zero"), 64)])
+# (the H100's) none at 233, and at 223 in the build for whole tiles only
+@pytest.mark.parametrize("args,spill", [((), 64), (("--zero",), 64), (("--sub", "32", "--zero"), 64),
+                                        (("--whole-tiles",), 64), (("--whole-tiles", "--zero"), 64)])
 def test_the_tall_kernel_keeps_its_mmas_asynchronous(args, spill):
     rep = report("--kernel", "tall", *args)
     assert rep["kernel"] == "tall" and not rep["serialized"], rep["notes"]
     assert rep["spill_stores"] <= spill and rep["spill_loads"] <= spill, rep
     assert 0 < rep["registers"] <= 255
+
+
+def test_the_whole_tiles_build_has_no_exchange():
+    """``SHARED`` False (the default launch, one program per tile) compiles the stream-K exchange out: no
+    atomics (the tiles' arrival counters) in its PTX, while the build with shares has them."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from wgmma_ptxas import tall_ptx; "
+            "print(sum('atom.' in tall_ptx(shared=s) for s in (False, True)), 'atom.' in tall_ptx(shared=True))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split()[-2:] == ["1", "True"], res.stdout
