@@ -177,6 +177,13 @@ def _segment(u, u_end, n_tiles, blocks_m, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _slot_of(q, tile, units, programs, dp, n_tiles):
+    """The slot (``2q`` or ``2q + 1``) holding program ``q``'s part of ``tile``: its first if its
+    share starts inside the tile (the tile is its first segment), else its second (its last)."""
+    return q * 2 + 1 - (_begin(q, units, programs, dp, n_tiles) // n_tiles == tile).to(gl.int32)
+
+
+@gluon.jit
 def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
                        n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
                        BLOCK_N: gl.constexpr,
@@ -297,8 +304,8 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                     if q == pid:
                         total += acc
                     else:
-                        qs = 1 - (_begin(q, units, programs, dp, n_tiles) // n_tiles == tile).to(gl.int32)
-                        total += gl.load(ws_ptr + (q * 2 + qs) * (BLOCK_M * BLOCK_N) + loc, cache_modifier=".cg")
+                        total += gl.load(ws_ptr + _slot_of(q, tile, units, programs, dp, n_tiles) * (BLOCK_M * BLOCK_N)
+                                         + loc, cache_modifier=".cg")
                 gl.store(y_ptrs, gl.convert_layout(gl.permute(total.to(gl.float16), (1, 0)), out_l), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
             _cta_barrier()

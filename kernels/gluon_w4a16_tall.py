@@ -36,6 +36,7 @@ from klaq.kernels.gluon_w4a16 import (
     _owner,
     _packed,
     _segment,
+    _slot_of,
     _slots,
     _sm_count,
     _tile_packed,
@@ -71,13 +72,6 @@ def _store_y(y_ptr, acc, m0, n0, M, N, stride_ym, out_l: gl.constexpr):
     n2 = gl.expand_dims(n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, out_l)), 0)
     vals = gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l)
     gl.store(y_ptr + m2 * stride_ym + n2, vals, mask=(n2 < N) & (m2 < M))
-
-
-@gluon.jit
-def _slot_of(q, tile, units, programs, dp, n_tiles):
-    """The slot (``2q`` or ``2q + 1``) holding program ``q``'s part of ``tile``: its first if its
-    share starts inside the tile (the tile is its first segment), else its second (its last)."""
-    return q * 2 + 1 - (_begin(q, units, programs, dp, n_tiles) // n_tiles == tile).to(gl.int32)
 
 
 @gluon.jit
