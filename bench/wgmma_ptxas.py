@@ -2,6 +2,7 @@
 
     python bench/wgmma_ptxas.py [--block-m 128] [--sub 64] [--zero] [--json]
     python bench/wgmma_ptxas.py --kernel tall [--sub 64] [--zero] [--whole-tiles]
+    python bench/wgmma_ptxas.py --kernel gemv [--launch 8:1:4:1]
     cp kernels/gluon_w4a16.py /tmp/v.py && patch /tmp/v.py bench/results/wgmma_pipelined.diff
     python bench/wgmma_ptxas.py --module /tmp/v.py --const PARTS=1 --const TILE_WAIT=False \
         --const TMA_LATE=False --const X_EARLY=False
@@ -77,6 +78,29 @@ def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool 
     return _gluon_ptx(tall._gemm_tall_kernel, [tall.TOKENS, sub // 2], consts)
 
 
+def gemv_ptx(block_n: int = 8, wr: int = 1, wq: int = 4, rb: int = 1, stages: int | None = None, sub: int = 64,
+             pdl: bool = True) -> str:
+    """The PTX of kernels/gluon_gemv.py's M = 1 kernel (``gemv_tma``) for sm_90a at one launch: ``rb``
+    blocks of ``block_n`` rows per program in ``wr`` x ``wq`` warps, every tile in flight unless
+    ``stages`` is given, the first tile's scales before the PDL wait (the kernel's default)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from klaq.kernels import gluon_gemv
+
+    fn = gluon_gemv._gemv_tma_kernel
+    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    sig = {"w_desc": f"tensordesc<i32[{block_n}, {min(128 * wq, 256)}],{wl!r}>", "x_ptr": "*fp16", "s_ptr": "*fp16",
+           "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32", "group_size": "i32"}
+    consts = dict(BLOCK_N=block_n, WR=wr, WQ=wq, RB=rb, SUB=sub, STAGES=stages or rb, PDL=pdl, num_warps=wr * wq,
+                  COMPUTE=True, EARLY_S=True)
+    sig.update({c: "constexpr" for c in consts})
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=wr * wq)).asm["ptx"]
+
+
 def ptxas_path() -> str:
     """The ptxas this Triton itself runs for sm_90 (Triton 3.9 takes its newer ``ptxas-blackwell`` for
     sm_90 too: the bundled plain ``ptxas`` cannot read the PTX version it writes)."""
@@ -107,8 +131,10 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("wgmma", "tall"), default="wgmma",
-                    help="gluon_w4a16's kernel, or gluon_w4a16_tall's (128 x 256 tiles; --sub 32 or 64)")
+    ap.add_argument("--kernel", choices=("wgmma", "tall", "gemv"), default="wgmma",
+                    help="gluon_w4a16's kernel, gluon_w4a16_tall's (128 x 256 tiles; --sub 32 or 64), or "
+                    "gluon_gemv's M = 1 kernel (--launch)")
+    ap.add_argument("--launch", default="8:1:4:1", help="gemv: BLOCK_N:WR:WQ:RB (rows, warps, row blocks)")
     ap.add_argument("--block-m", type=int, default=128, help="tokens per tile (64, 128 or 256)")
     ap.add_argument("--sub", type=int, default=64, help="codes per slice (block_k / 8: 16, 32 or 64)")
     ap.add_argument("--zero", action="store_true", help="zero points (asymmetric weights)")
@@ -124,6 +150,12 @@ def main() -> int:
         print("error: unset TRITON_INTERPRET (the interpreter builds no PTX)", file=sys.stderr)
         return 2
     extra = {name: ast.literal_eval(value) for name, value in (c.split("=", 1) for c in args.const)}
+    if args.kernel == "gemv":
+        bn, wr, wq, rb = map(int, args.launch.split(":"))
+        rep = dict(kernel="gemv", launch=args.launch, **ptxas_report(gemv_ptx(bn, wr, wq, rb)))
+        print(json.dumps(rep) if args.json else f"gemv kernel, launch {args.launch}: {rep['registers']} registers, "
+              f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
+        return 0
     if args.kernel == "tall":
         ptx = tall_ptx(args.sub, args.zero, args.stages, shared=not args.whole_tiles)
     else:

@@ -66,3 +66,21 @@ def test_the_whole_tiles_build_has_no_exchange():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[-2:] == ["1", "True"], res.stdout
+
+
+def _gemv_launches():
+    from klaq.kernels import gluon_gemv
+
+    return sorted(gluon_gemv.RESIDENT.items())
+
+
+@pytest.mark.parametrize("launch,resident", _gemv_launches())
+def test_the_gemv_fits_the_programs_per_sm_its_launch_rule_assumes(launch, resident):
+    """gluon_gemv.config_for counts how many programs of each launch one SM holds (by registers,
+    allocated per warp in steps of 8 per thread): the kernel as compiled must fit that many, with no
+    spills, or the rule's waves are wrong."""
+    bn, wr, wq, rb = launch
+    rep = report("--kernel", "gemv", "--launch", f"{bn}:{wr}:{wq}:{rb}")
+    assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep
+    regs = -(-rep["registers"] // 8) * 8
+    assert resident * wr * wq * 32 * regs <= 65536, (rep["registers"], resident)
