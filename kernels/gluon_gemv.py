@@ -10,9 +10,12 @@ weights never depend on the previous kernel, so in a chain of GEMVs (a decode st
 weights stream in while the call before it computes, and the fixed cost overlaps.
 
 A program owns ``RB`` blocks of ``BLOCK_N`` rows; the first tile's scales are loaded before the wait
-too, and only x (and y's buffer) wait for the previous kernel. Each thread holds ``BLOCK_N / WR``
-rows x one quad of 4 consecutive words of a chunk: x's pairs are loaded once per thread and
-broadcast over its rows in registers, a pair's scales for those rows are one contiguous load from
+too, and only x (and y's buffer) wait for the previous kernel. (Programs of several row blocks stay
+slower than one block even with all their scales in the words' TMA transaction, and so does their read
+floor: BENCHMARKS.md, "M = 1, scales by TMA with the words"; that variant is
+bench/results/gluon_gemv_tma_scales.diff.) Each thread holds ``BLOCK_N / WR`` rows x one quad of 4
+consecutive words of a chunk: x's pairs are loaded once per thread and broadcast over its rows in
+registers, a pair's scales for those rows are one contiguous load from
 the ``[G, N]`` layout, and the 4 words of a quad share a pair's scale, so gemv_h2's symmetric half2
 column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
 
