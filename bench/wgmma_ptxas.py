@@ -32,23 +32,29 @@ import sys
 import tempfile
 
 
+def _compile_ptx(fn, sig: dict, consts: dict) -> str:
+    """``fn``'s PTX for sm_90a with runtime-argument types ``sig`` and constexprs ``consts``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {**sig, **{c: "constexpr" for c in consts}}
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
+    options = dict(num_warps=consts["num_warps"])
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
 def _gluon_ptx(fn, block: list, consts: dict) -> str:
     """``fn``'s PTX for sm_90a: a kernel with the runtime arguments both Hopper GEMMs take (x's TMA
     descriptor of ``block`` = [tokens, codes], then pointers and ints) and constexprs ``consts``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
     sig = {"x_desc": f"tensordesc<fp16[{block[0]}, {block[1]}],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16",
            "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
            "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
            "units": "i32", "dp": "i32"}
-    sig.update({c: "constexpr" for c in consts})
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
-    options = dict(num_warps=consts["num_warps"])
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return _compile_ptx(fn, sig, consts)
 
 
 def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages: int = 6, module: str | None = None,
@@ -83,22 +89,16 @@ def gemv_ptx(block_n: int = 8, wr: int = 1, wq: int = 4, rb: int = 1, stages: in
     """The PTX of kernels/gluon_gemv.py's M = 1 kernel (``gemv_tma``) for sm_90a at one launch: ``rb``
     blocks of ``block_n`` rows per program in ``wr`` x ``wq`` warps, every tile in flight unless
     ``stages`` is given, the first tile's scales before the PDL wait (the kernel's default)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from klaq.kernels import gluon_gemv
 
-    fn = gluon_gemv._gemv_tma_kernel
     wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     sig = {"w_desc": f"tensordesc<i32[{block_n}, {min(128 * wq, 256)}],{wl!r}>", "x_ptr": "*fp16", "s_ptr": "*fp16",
            "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32", "group_size": "i32"}
     consts = dict(BLOCK_N=block_n, WR=wr, WQ=wq, RB=rb, SUB=sub, STAGES=stages or rb, PDL=pdl, num_warps=wr * wq,
                   COMPUTE=True, EARLY_S=True)
-    sig.update({c: "constexpr" for c in consts})
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=wr * wq)).asm["ptx"]
+    return _compile_ptx(gluon_gemv._gemv_tma_kernel, sig, consts)
 
 
 def ptxas_path() -> str:
