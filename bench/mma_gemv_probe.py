@@ -29,6 +29,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,6144x4096,14336x4096,4096x14336")
     ap.add_argument("--warps", default="8,4", help="warps per program to try (comma list)")
+    ap.add_argument("--variants", default="narrow,wide,async",
+                    help="word paths to try: narrow / wide (register loads, two word orders), async (cp.async "
+                    "into shared memory, coalesced)")
     ap.add_argument("--floor", action="store_true", help="also time the same loads without arithmetic (read floor), "
                     "the words loaded with .cg, and gemv_tma's read floor")
     args = ap.parse_args()
@@ -44,9 +47,9 @@ def main():
             t = graph_time_us([partial(gemv_tma, x, w, pdl=False, compute=False) for w in ws])
             print(f"   gemv_tma read floor (config_for's launch): {t:.2f} us", flush=True)
         for warps in map(int, args.warps.split(",")):
-            for wide in (False, True):
-                opts = dict(warps=warps, wide=wide)
-                name = f"mma {warps} warps{' wide' if wide else ''}"
+            for variant in args.variants.split(","):
+                opts = dict(warps=warps, wide=variant == "wide", use_async=variant == "async")
+                name = f"mma {warps} warps{'' if variant == 'narrow' else ' ' + variant}"
                 try:
                     y = gemv_mma(x, base, pdl=False, **opts).float()
                     err = float((y - exact).abs().max() / exact.abs().max())
@@ -56,10 +59,12 @@ def main():
                     print(f"   {name}: alone {t:.2f} us ({t_cublas / t:.2f}x cuBLAS), chain {tc:.2f} us "
                           f"({c16 / tc:.2f}x), rel err {err:.1e}, PDL same bits {same}", flush=True)
                     if args.floor:
-                        for cg in (False, True):
+                        for cg in (False, True) if variant != "async" else (False,):
                             t = graph_time_us([partial(gemv_mma, x, w, pdl=False, floor=True, cg=cg, **opts)
                                                for w in ws])
                             print(f"   {name} read floor{' (.cg)' if cg else ''}: {t:.2f} us", flush=True)
+                        if variant == "async":
+                            continue
                         t = graph_time_us([partial(gemv_mma, x, w, pdl=False, cg=True, **opts) for w in ws])
                         print(f"   {name} (.cg words): alone {t:.2f} us ({t_cublas / t:.2f}x cuBLAS)", flush=True)
                         y2 = gemv_mma(x, base, pdl=False, x_first=True, **opts).float()

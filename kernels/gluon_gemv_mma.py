@@ -33,6 +33,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from klaq.kernels.gluon_w4a16 import _cta_barrier, _half2
@@ -44,6 +45,8 @@ SUB = gl.constexpr(64)  # words per tile and row (512-code tiles)
 MAX_WARPS = 8
 # (mask, bias, scale) per nibble parity: LOP3 with 0x64006400 gives the fp16 pair 1024 + q (even
 # nibbles, bits 0-3 / 16-19) or 1024 + 16 q (odd, bits 4-7 / 20-23); sum (q - 8) x = C * scale - bias * sum x.
+# Triton 3.6 names the cp.async copy async_copy_global_to_shared; later versions async_load.
+_cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
 PARITY = {False: ("0x000f000f", 1032.0, 1.0), True: ("0x00f000f0", 72.0, 1.0 / 16.0)}
 _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 
@@ -207,9 +210,43 @@ def _round(x_ptr, xs, sxs, tile0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3,
 
 
 @gluon.jit
+def _issue_words(w_ptr, wsm, row0, N, Kw, W: gl.constexpr):
+    """cp.async of the program's 16 rows x W tiles into ``wsm``, coalesced: each warp instruction copies
+    512 contiguous bytes of one row (the register tiles' own loads, 8 rows x 64 bytes per instruction,
+    read at 1.2-1.5 TB/s)."""
+    LC: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
+    r = gl.expand_dims(gl.arange(0, ROWS, layout=gl.SliceLayout(1, LC)), 1)
+    col = gl.expand_dims(gl.arange(0, W * SUB, layout=gl.SliceLayout(0, LC)), 0)
+    rows = row0 + r
+    _cp_async(wsm, w_ptr + rows * Kw + col, mask=(rows < N) & (col < Kw))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _smem_words(wsm, LW: gl.constexpr, L4: gl.constexpr, W: gl.constexpr):
+    """The register tiles of :func:`_load` (the wide word order) from the copied rows: one load in ``LW``
+    (lane 4g + t, warp T, registers m, chunk and row half), then splits."""
+    async_copy.wait_group(0)
+    _cta_barrier()
+    v = gl.reshape(wsm.load(LW), [2, 8, W, 2, 4, 2, 4])  # h, g, T, c // 2, t, c % 2, m
+    v = gl.permute(v, [2, 1, 4, 6, 0, 3, 5])  # T, g, t, m, h, c // 2, c % 2
+    e, o = gl.split(v)  # c % 2
+    c0, c2 = gl.split(e)  # c // 2
+    c1, c3 = gl.split(o)
+    wa0, wb0 = gl.split(c0)  # rows g, g + 8
+    wa1, wb1 = gl.split(c1)
+    wa2, wb2 = gl.split(c2)
+    wa3, wb3 = gl.split(c3)
+    return (gl.convert_layout(wa0, L4), gl.convert_layout(wb0, L4), gl.convert_layout(wa1, L4),
+            gl.convert_layout(wb1, L4), gl.convert_layout(wa2, L4), gl.convert_layout(wb2, L4),
+            gl.convert_layout(wa3, L4), gl.convert_layout(wb3, L4))
+
+
+@gluon.jit
 def _gemv_mma_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, ONE_ROUND: gl.constexpr, PDL: gl.constexpr,
                      num_warps: gl.constexpr, FLOOR: gl.constexpr = False, CG: gl.constexpr = False,
-                     WIDE: gl.constexpr = False, XFIRST: gl.constexpr = False):
+                     WIDE: gl.constexpr = False, XFIRST: gl.constexpr = False, ASYNC: gl.constexpr = False,
+                     LW: gl.constexpr = None):
     # Tensors are [warp, g, t, m]: lane 4g + t of warp w; m is the element of a lane's 16-byte load and,
     # for the MMA's accumulator, c0..c3 (rows g, g, g + 8, g + 8; the columns all hold the same sum).
     # Warp w takes tiles w, w + W, ...: one per round of the loop, whose next round's words load after
@@ -233,8 +270,18 @@ def _gemv_mma_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, ONE_ROUND
     rows_m = ra + 8 * (m // 2)
     if XFIRST:  # benchmarks only (no PDL, one round): x staged before the words are loaded
         _stage_x(x_ptr, xs, sxs, 0, K, nt, W, WIDE)
-    wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3 = _load(w_ptr, s_ptr, ra, rb, rows_m, wi, t, m, N, Kw,
-                                                                       group_size, nt, CG, WIDE)
+    if ASYNC:  # words by cp.async into shared memory (wide order, one round), scales as before
+        wsm = gl.allocate_shared_memory(gl.int32, [ROWS, W * SUB], gl.SwizzledSharedLayout(4, 1, 8, order=[1, 0]))
+        _issue_words(w_ptr, wsm, row0, N, Kw, W)
+        sc0 = _scales(s_ptr, rows_m, wi, 0, N, group_size, nt)
+        sc1 = _scales(s_ptr, rows_m, wi, 1, N, group_size, nt)
+        sc2 = _scales(s_ptr, rows_m, wi, 2, N, group_size, nt)
+        sc3 = _scales(s_ptr, rows_m, wi, 3, N, group_size, nt)
+        if FLOOR:
+            wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = _smem_words(wsm, LW, L4, W)
+    else:
+        wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3 = _load(w_ptr, s_ptr, ra, rb, rows_m, wi, t, m, N,
+                                                                           Kw, group_size, nt, CG, WIDE)
     if FLOOR:  # benchmarks only: the same loads, each row's output the XOR of its words (a read floor)
         chk = wa0 ^ wb0 ^ wa1 ^ wb1 ^ wa2 ^ wb2 ^ wa3 ^ wb3
         tot = gl.sum(gl.sum(gl.sum(chk, axis=0), axis=1), axis=1).to(gl.float16)
@@ -245,7 +292,12 @@ def _gemv_mma_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, ONE_ROUND
             gdc_launch_dependents()
             gdc_wait()
         res = gl.zeros([W, 8, 4, 4], gl.float32, layout=L4)
-        if ONE_ROUND:
+        if ASYNC:
+            _stage_x(x_ptr, xs, sxs, 0, K, nt, W, True)
+            wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = _smem_words(wsm, LW, L4, W)
+            res = _round(x_ptr, xs, sxs, 0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3, res, W, L4,
+                         True, True)
+        elif ONE_ROUND:
             res = _round(x_ptr, xs, sxs, 0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3, res, W, L4,
                              WIDE, XFIRST)
         else:
@@ -279,7 +331,7 @@ def warps_for(n_tiles: int) -> int:
 
 
 def gemv_mma(x: torch.Tensor, w: TritonW4, pdl: bool | None = None, warps: int | None = None, floor: bool = False,
-             cg: bool = False, wide: bool = False, x_first: bool = False) -> torch.Tensor:
+             cg: bool = False, wide: bool = False, x_first: bool = False, use_async: bool = False) -> torch.Tensor:
     """``x @ W.T`` for one fp16 row ``x [1, K]`` (see :func:`gemv_mma_ok`): programs of 16 rows, one
     warp per 512-code tile (``warps``, default :func:`warps_for`)."""
     n, kw = w.qweight.shape
@@ -288,11 +340,24 @@ def gemv_mma(x: torch.Tensor, w: TritonW4, pdl: bool | None = None, warps: int |
     x2 = x.reshape(1, w.in_features).contiguous()
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
     warps = warps or warps_for(nt)
+    if use_async and nt > warps:
+        raise ValueError("use_async takes one round: a row's tiles <= warps")
     _gemv_mma_kernel[(triton.cdiv(n, ROWS.value),)](w.qweight, x2, w.scales, y, n, w.in_features, kw, w.group_size,
                                               ONE_ROUND=nt <= warps, PDL=use_pdl, num_warps=warps, FLOOR=floor,
-                                              CG=cg, WIDE=wide, XFIRST=x_first and not use_pdl and nt <= warps,
-                                              **launch_kwargs(use_pdl))
+                                              CG=cg, WIDE=wide or use_async,
+                                              XFIRST=x_first and not use_pdl and nt <= warps, ASYNC=use_async,
+                                              LW=smem_layout(warps) if use_async else None, **launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n)
+
+
+def smem_layout(warps: int) -> gl.DistributedLinearLayout:
+    """The layout in which the ``use_async`` kernel reads its copied rows ``[16, warps * 64]`` (row, word):
+    lane 4g + t and warp T hold words 64 T + 32 (c // 2) + 8 t + 4 (c % 2) + m of rows g and g + 8, in
+    registers (m, c % 2, c // 2, row half)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 32], [8, 0]],
+                                      lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[0, 64 << i] for i in range(warps.bit_length() - 1)],
+                                      block_bases=[], shape=[16, warps * 64])
 
 
 def emulate(x: np.ndarray, words: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:

@@ -85,6 +85,15 @@ def test_gemv_mma_shapes(n, k, group_size, warps, wide):
 
 
 @gpu
+@pytest.mark.parametrize("n,k", [(16, 512), (300, 1536), (4096, 4096), (4100, 4096)])
+def test_gemv_mma_words_by_cp_async(n, k):
+    """Words copied into shared memory (one round; a ragged last tile's columns masked to zeros) give the
+    same bits as the register loads of the same word order."""
+    w, x, y = check(n, k, 128, seed=n, use_async=True)
+    assert torch.equal(y, gemv_mma.gemv_mma(x, w, wide=True))
+
+
+@gpu
 def test_gemv_mma_outliers_and_repeats():
     """x of 4000 stays within fp32's range; the same call gives the same bits, with PDL or without."""
     w, x, y = check(512, 4096, 128, x_scale=1.0, seed=7)
