@@ -5,7 +5,9 @@ default and cuBLAS, alone and as a dependent PDL chain (as in a decode step).
 
 Why: the other GEMVs spend about 1.6 instructions per weight on arithmetic and their last programs'
 arithmetic lands after the read floor; ``gemv_mma`` turns a pair of codes into an MMA operand with one
-LOP3 and loads its words with plain 16-byte loads, all before the PDL wait.
+LOP3 and loads its words with plain 16-byte loads, all before the PDL wait. Result (raw:
+bench/results/mma_gemv_probe_h100.txt, whose runs 3-4 used the variants of dd3f2c1): exact, slower than
+the default; its read floor is the gap (6.9 us at 4096x4096 against gemv_tma's 5.3).
 """
 from __future__ import annotations
 
@@ -29,11 +31,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,6144x4096,14336x4096,4096x14336")
     ap.add_argument("--warps", default="8,4", help="warps per program to try (comma list)")
-    ap.add_argument("--variants", default="narrow,wide,async",
-                    help="word paths to try: narrow / wide (register loads, two word orders), async (cp.async "
-                    "into shared memory, coalesced)")
-    ap.add_argument("--floor", action="store_true", help="also time the same loads without arithmetic (read floor), "
-                    "the words loaded with .cg, and gemv_tma's read floor")
+    ap.add_argument("--floor", action="store_true", help="also time the same loads without arithmetic (the read "
+                    "floor), and gemv_tma's read floor")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for shape in args.shapes.split(","):
@@ -47,33 +46,20 @@ def main():
             t = graph_time_us([partial(gemv_tma, x, w, pdl=False, compute=False) for w in ws])
             print(f"   gemv_tma read floor (config_for's launch): {t:.2f} us", flush=True)
         for warps in map(int, args.warps.split(",")):
-            for variant in args.variants.split(","):
-                opts = dict(warps=warps, wide=variant == "wide", use_async=variant == "async")
-                name = f"mma {warps} warps{'' if variant == 'narrow' else ' ' + variant}"
-                try:
-                    y = gemv_mma(x, base, pdl=False, **opts).float()
-                    err = float((y - exact).abs().max() / exact.abs().max())
-                    same = torch.equal(gemv_mma(x, base, pdl=True, **opts), gemv_mma(x, base, pdl=False, **opts))
-                    t = graph_time_us([partial(gemv_mma, x, w, pdl=False, **opts) for w in ws])
-                    tc = graph_time_us(chain([partial(gemv_mma, w=w, pdl=True, **opts) for w in ws], x, k))
-                    print(f"   {name}: alone {t:.2f} us ({t_cublas / t:.2f}x cuBLAS), chain {tc:.2f} us "
-                          f"({c16 / tc:.2f}x), rel err {err:.1e}, PDL same bits {same}", flush=True)
-                    if args.floor:
-                        for cg in (False, True) if variant != "async" else (False,):
-                            t = graph_time_us([partial(gemv_mma, x, w, pdl=False, floor=True, cg=cg, **opts)
-                                               for w in ws])
-                            print(f"   {name} read floor{' (.cg)' if cg else ''}: {t:.2f} us", flush=True)
-                        if variant == "async":
-                            continue
-                        t = graph_time_us([partial(gemv_mma, x, w, pdl=False, cg=True, **opts) for w in ws])
-                        print(f"   {name} (.cg words): alone {t:.2f} us ({t_cublas / t:.2f}x cuBLAS)", flush=True)
-                        y2 = gemv_mma(x, base, pdl=False, x_first=True, **opts).float()
-                        ok = torch.equal(y2, y)
-                        t = graph_time_us([partial(gemv_mma, x, w, pdl=False, x_first=True, **opts) for w in ws])
-                        print(f"   {name} (x staged before the words): alone {t:.2f} us ({t_cublas / t:.2f}x cuBLAS), "
-                              f"same bits {ok}", flush=True)
-                except Exception as e:  # a probe: report and go on
-                    print(f"   {name}: failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            name = f"mma {warps} warps"
+            try:
+                y = gemv_mma(x, base, pdl=False, warps=warps).float()
+                err = float((y - exact).abs().max() / exact.abs().max())
+                same = torch.equal(gemv_mma(x, base, pdl=True, warps=warps), gemv_mma(x, base, pdl=False, warps=warps))
+                t = graph_time_us([partial(gemv_mma, x, w, pdl=False, warps=warps) for w in ws])
+                tc = graph_time_us(chain([partial(gemv_mma, w=w, pdl=True, warps=warps) for w in ws], x, k))
+                print(f"   {name}: alone {t:.2f} us ({t_cublas / t:.2f}x cuBLAS), chain {tc:.2f} us "
+                      f"({c16 / tc:.2f}x), rel err {err:.1e}, PDL same bits {same}", flush=True)
+                if args.floor:
+                    t = graph_time_us([partial(gemv_mma, x, w, pdl=False, warps=warps, floor=True) for w in ws])
+                    print(f"   {name} read floor: {t:.2f} us", flush=True)
+            except Exception as e:  # a probe: report and go on
+                print(f"   {name}: failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python bench/wgmma_ptxas.py [--block-m 128] [--sub 64] [--zero] [--json]
     python bench/wgmma_ptxas.py --kernel tall [--sub 64] [--zero] [--whole-tiles]
     python bench/wgmma_ptxas.py --kernel gemv [--launch 8:1:4:1]
-    python bench/wgmma_ptxas.py --kernel gemv_mma [--warps 8] [--tiles 8] [--async]
+    python bench/wgmma_ptxas.py --kernel gemv_mma [--warps 8] [--tiles 8]
     cp kernels/gluon_w4a16.py /tmp/v.py && patch /tmp/v.py bench/results/wgmma_pipelined.diff
     python bench/wgmma_ptxas.py --module /tmp/v.py --const PARTS=1 --const TILE_WAIT=False \
         --const TMA_LATE=False --const X_EARLY=False
@@ -104,17 +104,15 @@ def gemv_ptx(block_n: int = 8, wr: int = 1, wq: int = 4, rb: int = 1, stages: in
     return _compile_ptx(gluon_gemv._gemv_tma_kernel, sig, consts)
 
 
-def gemv_mma_ptx(warps: int = 8, tiles: int = 8, use_async: bool = False, wide: bool = False) -> str:
+def gemv_mma_ptx(warps: int = 8, tiles: int = 8) -> str:
     """The PTX of kernels/gluon_gemv_mma.py's M = 1 kernel for sm_90a: ``warps`` per 16-row program, rows of
-    ``tiles`` 512-code tiles (one round where tiles <= warps), words by register loads or (``use_async``)
-    cp.async. Its integer arguments are taken as multiples of 16, as a launch on the Llama shapes
-    specializes them (the 16-byte loads depend on it)."""
+    ``tiles`` 512-code tiles (one round where tiles <= warps). Its integer arguments are taken as multiples
+    of 16, as a launch on the Llama shapes specializes them (the 16-byte loads depend on it)."""
     from klaq.kernels import gluon_gemv_mma as mma
 
     sig = {"w_ptr": "*i32", "x_ptr": "*fp16", "s_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32",
            "group_size": "i32"}
-    consts = dict(ONE_ROUND=tiles <= warps, PDL=True, num_warps=warps, FLOOR=False, CG=False, WIDE=wide or use_async,
-                  XFIRST=False, ASYNC=use_async, LW=mma.smem_layout(warps) if use_async else None)
+    consts = dict(ONE_ROUND=tiles <= warps, PDL=True, num_warps=warps, FLOOR=False)
     return _compile_ptx(mma._gemv_mma_kernel, sig, consts, divisible=list(sig))
 
 
@@ -150,10 +148,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("wgmma", "tall", "gemv", "gemv_mma"), default="wgmma",
                     help="gluon_w4a16's kernel, gluon_w4a16_tall's (128 x 256 tiles; --sub 32 or 64), gluon_gemv's "
-                    "M = 1 kernel (--launch), or gluon_gemv_mma's (--warps, --tiles, --async)")
+                    "M = 1 kernel (--launch), or gluon_gemv_mma's (--warps, --tiles)")
     ap.add_argument("--warps", type=int, default=8, help="gemv_mma: warps per program")
     ap.add_argument("--tiles", type=int, default=8, help="gemv_mma: 512-code tiles per row (K / 512)")
-    ap.add_argument("--async", dest="use_async", action="store_true", help="gemv_mma: words by cp.async")
     ap.add_argument("--launch", default="8:1:4:1", help="gemv: BLOCK_N:WR:WQ:RB (rows, warps, row blocks)")
     ap.add_argument("--block-m", type=int, default=128, help="tokens per tile (64, 128 or 256)")
     ap.add_argument("--sub", type=int, default=64, help="codes per slice (block_k / 8: 16, 32 or 64)")
@@ -177,11 +174,10 @@ def main() -> int:
               f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
         return 0
     if args.kernel == "gemv_mma":
-        rep = dict(kernel="gemv_mma", warps=args.warps, tiles=args.tiles, use_async=args.use_async,
-                   **ptxas_report(gemv_mma_ptx(args.warps, args.tiles, args.use_async)))
-        print(json.dumps(rep) if args.json else f"gemv_mma kernel, {args.warps} warps, {args.tiles} tiles"
-              f"{', cp.async' if args.use_async else ''}: {rep['registers']} registers, spills "
-              f"{rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
+        rep = dict(kernel="gemv_mma", warps=args.warps, tiles=args.tiles,
+                   **ptxas_report(gemv_mma_ptx(args.warps, args.tiles)))
+        print(json.dumps(rep) if args.json else f"gemv_mma kernel, {args.warps} warps, {args.tiles} tiles: "
+              f"{rep['registers']} registers, spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
         return 0
     if args.kernel == "tall":
         ptx = tall_ptx(args.sub, args.zero, args.stages, shared=not args.whole_tiles)

@@ -1,14 +1,15 @@
-"""M = 1 GEMV whose dot products run on the tensor cores (Gluon, ``mma.sync``): ``gemv_mma``.
+"""M = 1 GEMV whose dot products run on the tensor cores (Gluon, ``mma.sync``): ``gemv_mma``. Not in the
+dispatch: exact, but slower than ``gemv_tma`` on the Llama shapes (below).
 
-Why: at batch 1 the other GEMVs spend about 1.6 instructions per weight on arithmetic (a LOP3 and an FMA
-per pair of codes to make ``(q - 8) / 4`` exactly, then a half2 FMA with x; gluon_gemv.py's SASS), and
-the last programs' arithmetic comes after the read floor (BENCHMARKS.md, "M = 1"). Here a pair of codes
-costs one LOP3: it becomes the fp16 pair ``1024 + q`` (or ``1024 + 16 q`` for the odd nibbles) and goes
-straight into the A operand of an ``mma.sync.m16n8k16`` whose B operand is x (the same x in all eight
-columns), accumulating in fp32. The bias is taken out once per group: a second MMA with A = 1 sums the
-same x, and ``sum (q - 8) x = C - 1032 sum x`` (even nibbles) or ``C / 16 - 72 sum x`` (odd), then
-times the row's scale. Products of fp16 values are exact in fp32, so this is as accurate as the half2
-sums of the other kernels or more (their x is halved and summed in fp16).
+Why it was built: at batch 1 the other GEMVs spend about 1.6 instructions per weight on arithmetic (a
+LOP3 and an FMA per pair of codes to make ``(q - 8) / 4`` exactly, then a half2 FMA with x; gluon_gemv.py's
+SASS), and the last programs' arithmetic lands after the read floor (BENCHMARKS.md, "M = 1"). Here a pair
+of codes costs one LOP3: it becomes the fp16 pair ``1024 + q`` (or ``1024 + 16 q`` for the odd nibbles)
+and goes straight into the A operand of an ``mma.sync.m16n8k16`` whose B operand is x (the same x in
+all eight columns), accumulating in fp32. The bias comes out once per group: ``sum (q - 8) x = C - 1032
+sum x`` (even nibbles) or ``C / 16 - 72 sum x`` (odd), times the row's scale, with x's group sums taken
+once per program in fp32. Products of fp16 values are exact in fp32, so this is more accurate than the
+half2 sums of the other kernels (rel err 3.2-4.4e-4 against their 4.6-6.3e-4).
 
 klaq's layout as it is (no copy of the weight): word j of tile T of a row holds code j of the tile's 8
 slices, slices 2p and 2p + 1 in nibbles p and p + 4, so one LOP3 of the word (shifted by 8 for p >= 2)
@@ -17,13 +18,20 @@ pair is one of its k-pairs and the B half2 is ``(x[2p SUB + j], x[(2p + 1) SUB +
 warp holds 4 consecutive words (one 16-byte load) of rows g and g + 8 of a program's 16: with those, for
 each pair p, two MMAs (words 4t, 4t + 1 and 4t + 2, 4t + 3 as k-pairs t and t + 4) cover 16 rows x 16
 k-pairs of one group, so the scale applies to the accumulator once per tile. A program is 16 rows; each
-of its ``W`` warps takes one tile (512 codes) of those rows at a time and the warps' sums meet at the
-end. All of a program's words (and scales) are loaded before ``griddepcontrol.wait`` (they never
-depend on an earlier kernel); x after it.
+of its ``W`` warps takes one tile (512 codes) of those rows per round and the warps' sums meet at the
+end. All of a program's first-round words (and scales) are loaded before ``griddepcontrol.wait`` (they
+never depend on an earlier kernel); x after it, staged once per round in shared memory as the B half2s.
 
-Symmetric weights, fp16 x, ``SUB`` = 64 (512-code tiles) and groups of whole pairs; anything else takes
-the other GEMVs. Gluon has no interpreter mode, so the kernel runs on a GPU only
-(tests/kernels/test_gluon_gemv_mma.py); :func:`emulate` is its arithmetic in numpy, tested everywhere.
+Measured (one H100, bench/mma_gemv_probe.py; raw bench/results/mma_gemv_probe_h100.txt): its arithmetic
+tail is shorter than gemv_tma's (kernel minus its own read floor 0.75 us against 0.99 at 4096x4096), but
+its 16-row programs of 8 warps read slowly: read floor 6.89-6.94 us at 4096x4096 against gemv_tma's TMA
+floor 5.32-5.33, so 7.5-7.7 us alone against 6.2-6.3 (2.1-2.2x cuBLAS against 2.6x). Words by coalesced
+cp.async read no faster (floor 7.29 us), nor with the other word order or ``.cg`` loads (dd3f2c1 and its
+results file).
+
+Symmetric weights, fp16 x, ``SUB`` = 64 (512-code tiles) and groups of whole pairs. Gluon has no
+interpreter mode, so the kernel runs on a GPU only (tests/kernels/test_gluon_gemv_mma.py); :func:`emulate`
+is its arithmetic in numpy and bench/wgmma_ptxas.py its sm_90a build, both tested everywhere.
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from klaq.kernels.gluon_w4a16 import _cta_barrier, _half2
@@ -45,8 +52,6 @@ SUB = gl.constexpr(64)  # words per tile and row (512-code tiles)
 MAX_WARPS = 8
 # (mask, bias, scale) per nibble parity: LOP3 with 0x64006400 gives the fp16 pair 1024 + q (even
 # nibbles, bits 0-3 / 16-19) or 1024 + 16 q (odd, bits 4-7 / 20-23); sum (q - 8) x = C * scale - bias * sum x.
-# Triton 3.6 names the cp.async copy async_copy_global_to_shared; later versions async_load.
-_cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
 PARITY = {False: ("0x000f000f", 1032.0, 1.0), True: ("0x00f000f0", 72.0, 1.0 / 16.0)}
 _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 
@@ -89,15 +94,9 @@ def _iota(n: gl.constexpr, dim: gl.constexpr, L4: gl.constexpr):
 
 
 @gluon.jit
-def _words(w_ptr, rows, tile, c: gl.constexpr, t, m, N, Kw, NT, CG: gl.constexpr = False, WIDE: gl.constexpr = False):
-    """Words 16c + 4t .. 16c + 4t + 3 of tile ``tile`` of ``rows`` (one 16-byte load per lane); ``WIDE``:
-    words 32 (c // 2) + 8t + 4 (c % 2) .. + 3, so a lane's chunks 2i and 2i + 1 are 32 contiguous bytes."""
-    if WIDE:
-        off = tile * SUB + 32 * (c // 2) + 8 * t + 4 * (c % 2) + m
-    else:
-        off = tile * SUB + 16 * c + 4 * t + m
-    if CG:
-        return gl.load(w_ptr + rows * Kw + off, mask=(rows < N) & (tile < NT), other=0, cache_modifier=".cg")
+def _words(w_ptr, rows, tile, c: gl.constexpr, t, m, N, Kw, NT):
+    """Words 16c + 4t .. 16c + 4t + 3 of tile ``tile`` of ``rows`` (one 16-byte load per lane)."""
+    off = tile * SUB + 16 * c + 4 * t + m
     return gl.load(w_ptr + rows * Kw + off, mask=(rows < N) & (tile < NT), other=0)
 
 
@@ -109,19 +108,18 @@ def _scales(s_ptr, rows_m, tile, p: gl.constexpr, N, group_size, NT):
 
 
 @gluon.jit
-def _load(w_ptr, s_ptr, ra, rb, rows_m, tile, t, m, N, Kw, group_size, NT, CG: gl.constexpr = False,
-          WIDE: gl.constexpr = False):
+def _load(w_ptr, s_ptr, ra, rb, rows_m, tile, t, m, N, Kw, group_size, NT):
     """A warp's tile: its 8 x 4 words per lane (chunks 0-3 of rows g and g + 8) and its 4 pairs' scales."""
-    return (_words(w_ptr, ra, tile, 0, t, m, N, Kw, NT, CG, WIDE), _words(w_ptr, rb, tile, 0, t, m, N, Kw, NT, CG, WIDE),
-            _words(w_ptr, ra, tile, 1, t, m, N, Kw, NT, CG, WIDE), _words(w_ptr, rb, tile, 1, t, m, N, Kw, NT, CG, WIDE),
-            _words(w_ptr, ra, tile, 2, t, m, N, Kw, NT, CG, WIDE), _words(w_ptr, rb, tile, 2, t, m, N, Kw, NT, CG, WIDE),
-            _words(w_ptr, ra, tile, 3, t, m, N, Kw, NT, CG, WIDE), _words(w_ptr, rb, tile, 3, t, m, N, Kw, NT, CG, WIDE),
+    return (_words(w_ptr, ra, tile, 0, t, m, N, Kw, NT), _words(w_ptr, rb, tile, 0, t, m, N, Kw, NT),
+            _words(w_ptr, ra, tile, 1, t, m, N, Kw, NT), _words(w_ptr, rb, tile, 1, t, m, N, Kw, NT),
+            _words(w_ptr, ra, tile, 2, t, m, N, Kw, NT), _words(w_ptr, rb, tile, 2, t, m, N, Kw, NT),
+            _words(w_ptr, ra, tile, 3, t, m, N, Kw, NT), _words(w_ptr, rb, tile, 3, t, m, N, Kw, NT),
             _scales(s_ptr, rows_m, tile, 0, N, group_size, NT), _scales(s_ptr, rows_m, tile, 1, N, group_size, NT),
             _scales(s_ptr, rows_m, tile, 2, N, group_size, NT), _scales(s_ptr, rows_m, tile, 3, N, group_size, NT))
 
 
 @gluon.jit
-def _stage_x(x_ptr, xs, sxs, tile0, K, NT, W: gl.constexpr, WIDE: gl.constexpr = False):
+def _stage_x(x_ptr, xs, sxs, tile0, K, NT, W: gl.constexpr):
     """x of tiles tile0 .. tile0 + W - 1 as the MMAs' B half2s, into shared memory: ``xs[(4p + c) W + w, 4t + m]``
     is ``(x[k], x[k + SUB])`` for k = tile w's first code + 2p SUB + 16c + 4t + m; ``sxs[p W + w]`` the fp32
     sum of the 128 x of pair p of tile w (both slices)."""
@@ -134,10 +132,7 @@ def _stage_x(x_ptr, xs, sxs, tile0, K, NT, W: gl.constexpr, WIDE: gl.constexpr =
         gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, LX)))), 0), 0), 3)
     j = gl.expand_dims(gl.expand_dims(gl.expand_dims(
         gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, LX)))), 0), 0), 0)
-    if WIDE:  # the words' order of _words
-        k = tile * (8 * SUB) + 2 * p * SUB + 32 * (c // 2) + 8 * (j // 4) + 4 * (c % 2) + j % 4
-    else:
-        k = tile * (8 * SUB) + 2 * p * SUB + 16 * c + j
+    k = tile * (8 * SUB) + 2 * p * SUB + 16 * c + j
     ok = tile < NT
     xa = gl.load(x_ptr + k, mask=ok & (k < K), other=0.0)
     xb = gl.load(x_ptr + k + SUB, mask=ok & (k + SUB < K), other=0.0)
@@ -191,11 +186,10 @@ def _unbias(acc, sxs, sc, p: gl.constexpr, W: gl.constexpr, L4: gl.constexpr):
 
 @gluon.jit
 def _round(x_ptr, xs, sxs, tile0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3, res,
-           W: gl.constexpr, L4: gl.constexpr, WIDE: gl.constexpr = False, STAGED: gl.constexpr = False):
-    """One round: x of tiles tile0 .. tile0 + W - 1 staged (unless ``STAGED``), each warp's tile through its
-    32 MMAs, unbiased, scaled and added to ``res``."""
-    if not STAGED:
-        _stage_x(x_ptr, xs, sxs, tile0, K, nt, W, WIDE)
+           W: gl.constexpr, L4: gl.constexpr):
+    """One round: x of tiles tile0 .. tile0 + W - 1 staged, each warp's tile through its 32 MMAs, unbiased,
+    scaled and added to ``res``."""
+    _stage_x(x_ptr, xs, sxs, tile0, K, nt, W)
     _cta_barrier()
     a0 = gl.zeros([W, 8, 4, 4], gl.float32, layout=L4)
     a1 = gl.zeros([W, 8, 4, 4], gl.float32, layout=L4)
@@ -210,49 +204,15 @@ def _round(x_ptr, xs, sxs, tile0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3,
 
 
 @gluon.jit
-def _issue_words(w_ptr, wsm, row0, N, Kw, W: gl.constexpr):
-    """cp.async of the program's 16 rows x W tiles into ``wsm``, coalesced: each warp instruction copies
-    512 contiguous bytes of one row (the register tiles' own loads, 8 rows x 64 bytes per instruction,
-    read at 1.2-1.5 TB/s)."""
-    LC: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
-    r = gl.expand_dims(gl.arange(0, ROWS, layout=gl.SliceLayout(1, LC)), 1)
-    col = gl.expand_dims(gl.arange(0, W * SUB, layout=gl.SliceLayout(0, LC)), 0)
-    rows = row0 + r
-    _cp_async(wsm, w_ptr + rows * Kw + col, mask=(rows < N) & (col < Kw))
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _smem_words(wsm, LW: gl.constexpr, L4: gl.constexpr, W: gl.constexpr):
-    """The register tiles of :func:`_load` (the wide word order) from the copied rows: one load in ``LW``
-    (lane 4g + t, warp T, registers m, chunk and row half), then splits."""
-    async_copy.wait_group(0)
-    _cta_barrier()
-    v = gl.reshape(wsm.load(LW), [2, 8, W, 2, 4, 2, 4])  # h, g, T, c // 2, t, c % 2, m
-    v = gl.permute(v, [2, 1, 4, 6, 0, 3, 5])  # T, g, t, m, h, c // 2, c % 2
-    e, o = gl.split(v)  # c % 2
-    c0, c2 = gl.split(e)  # c // 2
-    c1, c3 = gl.split(o)
-    wa0, wb0 = gl.split(c0)  # rows g, g + 8
-    wa1, wb1 = gl.split(c1)
-    wa2, wb2 = gl.split(c2)
-    wa3, wb3 = gl.split(c3)
-    return (gl.convert_layout(wa0, L4), gl.convert_layout(wb0, L4), gl.convert_layout(wa1, L4),
-            gl.convert_layout(wb1, L4), gl.convert_layout(wa2, L4), gl.convert_layout(wb2, L4),
-            gl.convert_layout(wa3, L4), gl.convert_layout(wb3, L4))
-
-
-@gluon.jit
 def _gemv_mma_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, ONE_ROUND: gl.constexpr, PDL: gl.constexpr,
-                     num_warps: gl.constexpr, FLOOR: gl.constexpr = False, CG: gl.constexpr = False,
-                     WIDE: gl.constexpr = False, XFIRST: gl.constexpr = False, ASYNC: gl.constexpr = False,
-                     LW: gl.constexpr = None):
+                     num_warps: gl.constexpr, FLOOR: gl.constexpr = False):
     # Tensors are [warp, g, t, m]: lane 4g + t of warp w; m is the element of a lane's 16-byte load and,
     # for the MMA's accumulator, c0..c3 (rows g, g, g + 8, g + 8; the columns all hold the same sum).
     # Warp w takes tiles w, w + W, ...: one per round of the loop, whose next round's words load after
     # this round's MMAs (loaded with them, ptxas would keep every round's words in registers).
     # ONE_ROUND (a row's tiles <= W): no loop (its carried words cost 23 registers: 103 against 80 at
-    # 4096 x 4096, so 2 programs per SM instead of 3).
+    # 4096 x 4096, so 2 programs per SM instead of 3). FLOOR (benchmarks only): the same loads, each row's
+    # output the XOR of its words (the read floor).
     W: gl.constexpr = num_warps
     L4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
     SH2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
@@ -268,21 +228,9 @@ def _gemv_mma_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, ONE_ROUND
     ra = row0 + g
     rb = ra + 8
     rows_m = ra + 8 * (m // 2)
-    if XFIRST:  # benchmarks only (no PDL, one round): x staged before the words are loaded
-        _stage_x(x_ptr, xs, sxs, 0, K, nt, W, WIDE)
-    if ASYNC:  # words by cp.async into shared memory (wide order, one round), scales as before
-        wsm = gl.allocate_shared_memory(gl.int32, [ROWS, W * SUB], gl.SwizzledSharedLayout(4, 1, 8, order=[1, 0]))
-        _issue_words(w_ptr, wsm, row0, N, Kw, W)
-        sc0 = _scales(s_ptr, rows_m, wi, 0, N, group_size, nt)
-        sc1 = _scales(s_ptr, rows_m, wi, 1, N, group_size, nt)
-        sc2 = _scales(s_ptr, rows_m, wi, 2, N, group_size, nt)
-        sc3 = _scales(s_ptr, rows_m, wi, 3, N, group_size, nt)
-        if FLOOR:
-            wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = _smem_words(wsm, LW, L4, W)
-    else:
-        wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3 = _load(w_ptr, s_ptr, ra, rb, rows_m, wi, t, m, N,
-                                                                           Kw, group_size, nt, CG, WIDE)
-    if FLOOR:  # benchmarks only: the same loads, each row's output the XOR of its words (a read floor)
+    wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3 = _load(w_ptr, s_ptr, ra, rb, rows_m, wi, t, m, N, Kw,
+                                                                       group_size, nt)
+    if FLOOR:
         chk = wa0 ^ wb0 ^ wa1 ^ wb1 ^ wa2 ^ wb2 ^ wa3 ^ wb3
         tot = gl.sum(gl.sum(gl.sum(chk, axis=0), axis=1), axis=1).to(gl.float16)
         gl.store(y_ptr + row0 + gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(1, gl.SliceLayout(0, L4)))),
@@ -292,22 +240,16 @@ def _gemv_mma_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, ONE_ROUND
             gdc_launch_dependents()
             gdc_wait()
         res = gl.zeros([W, 8, 4, 4], gl.float32, layout=L4)
-        if ASYNC:
-            _stage_x(x_ptr, xs, sxs, 0, K, nt, W, True)
-            wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = _smem_words(wsm, LW, L4, W)
-            res = _round(x_ptr, xs, sxs, 0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3, res, W, L4,
-                         True, True)
-        elif ONE_ROUND:
-            res = _round(x_ptr, xs, sxs, 0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3, res, W, L4,
-                             WIDE, XFIRST)
+        if ONE_ROUND:
+            res = _round(x_ptr, xs, sxs, 0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3, res, W, L4)
         else:
             for tile0 in range(0, nt, W):
                 res = _round(x_ptr, xs, sxs, tile0, K, nt, wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3,
-                             res, W, L4, WIDE)
+                             res, W, L4)
                 _cta_barrier()  # every warp has read this round's x before the next round's overwrites it
                 if tile0 + W < nt:
                     wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, sc0, sc1, sc2, sc3 = _load(
-                        w_ptr, s_ptr, ra, rb, rows_m, tile0 + W + wi, t, m, N, Kw, group_size, nt, CG, WIDE)
+                        w_ptr, s_ptr, ra, rb, rows_m, tile0 + W + wi, t, m, N, Kw, group_size, nt)
         # The warps' tiles meet; each row's sum sits in the 4 lanes t (equal copies, so * 0.25 is exact) and in
         # two columns (m = 0, 1 for row g; 2, 3 for g + 8), of which the even m is stored.
         tot = gl.sum(gl.sum(res, axis=0), axis=1) * 0.25  # [g, m]
@@ -330,34 +272,21 @@ def warps_for(n_tiles: int) -> int:
     return min(MAX_WARPS, triton.next_power_of_2(n_tiles))
 
 
-def gemv_mma(x: torch.Tensor, w: TritonW4, pdl: bool | None = None, warps: int | None = None, floor: bool = False,
-             cg: bool = False, wide: bool = False, x_first: bool = False, use_async: bool = False) -> torch.Tensor:
+def gemv_mma(x: torch.Tensor, w: TritonW4, pdl: bool | None = None, warps: int | None = None,
+             floor: bool = False) -> torch.Tensor:
     """``x @ W.T`` for one fp16 row ``x [1, K]`` (see :func:`gemv_mma_ok`): programs of 16 rows, one
-    warp per 512-code tile (``warps``, default :func:`warps_for`)."""
+    warp per 512-code tile (``warps``, default :func:`warps_for`). ``floor=True`` (benchmarks only): the
+    read floor, each row's output the XOR of its words (rows 0-7 of each program)."""
     n, kw = w.qweight.shape
     use_pdl = pdl_for(x.device, pdl)
     nt = kw // SUB.value
     x2 = x.reshape(1, w.in_features).contiguous()
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
     warps = warps or warps_for(nt)
-    if use_async and nt > warps:
-        raise ValueError("use_async takes one round: a row's tiles <= warps")
     _gemv_mma_kernel[(triton.cdiv(n, ROWS.value),)](w.qweight, x2, w.scales, y, n, w.in_features, kw, w.group_size,
                                               ONE_ROUND=nt <= warps, PDL=use_pdl, num_warps=warps, FLOOR=floor,
-                                              CG=cg, WIDE=wide or use_async,
-                                              XFIRST=x_first and not use_pdl and nt <= warps, ASYNC=use_async,
-                                              LW=smem_layout(warps) if use_async else None, **launch_kwargs(use_pdl))
+                                              **launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n)
-
-
-def smem_layout(warps: int) -> gl.DistributedLinearLayout:
-    """The layout in which the ``use_async`` kernel reads its copied rows ``[16, warps * 64]`` (row, word):
-    lane 4g + t and warp T hold words 64 T + 32 (c // 2) + 8 t + 4 (c % 2) + m of rows g and g + 8, in
-    registers (m, c % 2, c // 2, row half)."""
-    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 32], [8, 0]],
-                                      lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
-                                      warp_bases=[[0, 64 << i] for i in range(warps.bit_length() - 1)],
-                                      block_bases=[], shape=[16, warps * 64])
 
 
 def emulate(x: np.ndarray, words: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:

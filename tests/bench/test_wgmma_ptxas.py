@@ -86,9 +86,9 @@ def test_the_gemv_fits_the_programs_per_sm_its_launch_rule_assumes(launch, resid
     assert resident * wr * wq * 32 * regs <= 65536, (rep["registers"], resident)
 
 
-@pytest.mark.parametrize("args", [(), ("--async",), ("--tiles", "28")])
+@pytest.mark.parametrize("args", [(), ("--tiles", "28"), ("--warps", "4")])
 def test_the_tensor_core_gemv_builds_without_spills(args):
-    """kernels/gluon_gemv_mma.py for sm_90a (register loads in one round, cp.async, several rounds of a long
-    row): ptxas fits it without spills."""
+    """kernels/gluon_gemv_mma.py for sm_90a (one round, several rounds of a long row, fewer warps than
+    tiles): ptxas fits it without spills."""
     rep = report("--kernel", "gemv_mma", *args)
     assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep

@@ -77,20 +77,10 @@ def check(n, k, group_size, seed=0, x_scale=1.0, **config):
 @pytest.mark.parametrize("n,k,group_size", [(16, 512, 128), (300, 1536, 128), (1000, 4096 + 64, 256),
                                             (4096, 4096, 128), (100, 14336, 128), (4100, 4096, 128)])
 @pytest.mark.parametrize("warps", [None, 1, 4])
-@pytest.mark.parametrize("wide", [False, True])
-def test_gemv_mma_shapes(n, k, group_size, warps, wide):
+def test_gemv_mma_shapes(n, k, group_size, warps):
     """Ragged K (4096 + 64), N off the 16-row programs, long K over several tiles per warp, groups of
-    one and two pairs, fewer warps than tiles, both word orders."""
-    check(n, k, group_size, seed=n + k, warps=warps, wide=wide)
-
-
-@gpu
-@pytest.mark.parametrize("n,k", [(16, 512), (300, 1536), (4096, 4096), (4100, 4096)])
-def test_gemv_mma_words_by_cp_async(n, k):
-    """Words copied into shared memory (one round; a ragged last tile's columns masked to zeros) give the
-    same bits as the register loads of the same word order."""
-    w, x, y = check(n, k, 128, seed=n, use_async=True)
-    assert torch.equal(y, gemv_mma.gemv_mma(x, w, wide=True))
+    one and two pairs, fewer warps than tiles."""
+    check(n, k, group_size, seed=n + k, warps=warps)
 
 
 @gpu
