@@ -91,7 +91,9 @@ def gemv_ptx(block_n: int = 8, wr: int = 1, wq: int = 4, rb: int = 1, stages: in
              pdl: bool = True) -> str:
     """The PTX of kernels/gluon_gemv.py's M = 1 kernel (``gemv_tma``) for sm_90a at one launch: ``rb``
     blocks of ``block_n`` rows per program in ``wr`` x ``wq`` warps, every tile in flight unless
-    ``stages`` is given, the first tile's scales before the PDL wait (the kernel's default)."""
+    ``stages`` is given, the first tile's scales before the PDL wait (the kernel's default). Its integer
+    and pointer arguments are taken as multiples of 16, as a launch on the Llama shapes specializes them
+    (the scales' 16-byte and x's 8-byte loads depend on it)."""
     from triton.experimental.gluon import language as gl
 
     from klaq.kernels import gluon_gemv
@@ -101,7 +103,7 @@ def gemv_ptx(block_n: int = 8, wr: int = 1, wq: int = 4, rb: int = 1, stages: in
            "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32", "group_size": "i32"}
     consts = dict(BLOCK_N=block_n, WR=wr, WQ=wq, RB=rb, SUB=sub, STAGES=stages or rb, PDL=pdl, num_warps=wr * wq,
                   COMPUTE=True, EARLY_S=True)
-    return _compile_ptx(gluon_gemv._gemv_tma_kernel, sig, consts)
+    return _compile_ptx(gluon_gemv._gemv_tma_kernel, sig, consts, divisible=[a for a in sig if a != "w_desc"])
 
 
 def gemv_mma_ptx(warps: int = 8, tiles: int = 8) -> str:

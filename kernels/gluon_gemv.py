@@ -221,8 +221,10 @@ def _gemv_tma_kernel(w_desc, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, BLOCK_N:
 DEFAULT_CONFIG = (8, 1, 4, 1)
 # 4 rows per thread, two row blocks per program: as many programs as DEFAULT_CONFIG's, fewer registers each.
 NARROW_CONFIG = (4, 1, 4, 2)
-# Programs of each config one SM holds, by registers (x 128 threads, sm_90 builds: DEFAULT_CONFIG 90-92
-# registers, so 5 of 65536; NARROW_CONFIG 71, so 7).
+# Programs of each config one SM holds, by registers (x 128 threads; sm_90a builds with the launch's
+# divisibility, bench/wgmma_ptxas.py --kernel gemv: DEFAULT_CONFIG 96 registers under Triton 3.6's ptxas, the
+# H100's, so 5 of 65536 (80 under 3.9's: 6); NARROW_CONFIG 64, so 8, counted as 7, as measured when the rule was
+# set; no Llama shape has programs between the two counts).
 RESIDENT = {DEFAULT_CONFIG: 5, NARROW_CONFIG: 7}
 
 
