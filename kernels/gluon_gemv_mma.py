@@ -77,7 +77,8 @@ _PAIR_CONS = gl.constexpr(",".join(["=f"] * 4 + ["r"] * 12 + ["f"] * 4))
 
 @gluon.jit
 def _iota(n: gl.constexpr, dim: gl.constexpr, L4: gl.constexpr):
-    """``arange(n)`` along ``dim`` of a 4-D tensor in layout ``L4`` (size 1 on the other dims)."""
+    """``arange(n)`` along ``dim`` of a 4-D tensor in layout ``L4`` (size 1 on the other dims); the kernel's
+    ``[warp, g, t, m]`` indices and :func:`_stage_x`'s ``[p, c, tile, j]``."""
     if dim == 0:
         v = gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
         r = gl.expand_dims(gl.expand_dims(gl.expand_dims(v, 1), 2), 3)
@@ -124,14 +125,10 @@ def _stage_x(x_ptr, xs, sxs, tile0, K, NT, W: gl.constexpr):
     is ``(x[k], x[k + SUB])`` for k = tile w's first code + 2p SUB + 16c + 4t + m; ``sxs[p W + w]`` the fp32
     sum of the 128 x of pair p of tile w (both slices)."""
     LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [4, 4, 1, 2], [1, 1, W, 1], [3, 2, 1, 0])
-    p = gl.expand_dims(gl.expand_dims(gl.expand_dims(
-        gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX)))), 1), 2), 3)
-    c = gl.expand_dims(gl.expand_dims(gl.expand_dims(
-        gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LX)))), 0), 2), 3)
-    tile = tile0 + gl.expand_dims(gl.expand_dims(gl.expand_dims(
-        gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, LX)))), 0), 0), 3)
-    j = gl.expand_dims(gl.expand_dims(gl.expand_dims(
-        gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, LX)))), 0), 0), 0)
+    p = _iota(4, 0, LX)
+    c = _iota(4, 1, LX)
+    tile = tile0 + _iota(W, 2, LX)
+    j = _iota(16, 3, LX)
     k = tile * (8 * SUB) + 2 * p * SUB + 16 * c + j
     ok = tile < NT
     xa = gl.load(x_ptr + k, mask=ok & (k < K), other=0.0)

@@ -6,7 +6,7 @@ arithmetic (numpy :func:`emulate`), the rule that takes it and its sm_90a build 
 
 import numpy as np
 import pytest
-from w4_helpers import HAS_CUDA, random_qweight, rel_err
+from w4_helpers import HAS_CUDA, check_cuda_kernel, random_qweight, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -40,7 +40,8 @@ def test_emulate_sees_every_nibble():
     """A code changed in any of the 8 slices of a word changes exactly its row's result."""
     qw = random_qweight(4, 512, 128, False, seed=3)
     x = np.random.default_rng(3).standard_normal(512).astype(np.float16)
-    base = gemv_mma.emulate(x, repack(qw, "cpu").qweight.numpy(), repack(qw, "cpu").scales.numpy(), 128)
+    w0 = repack(qw, "cpu")
+    base = gemv_mma.emulate(x, w0.qweight.numpy(), w0.scales.numpy(), 128)
     for s in range(8):
         codes = qw.codes.copy()
         codes[2, s * 64 + 5] ^= 0xF
@@ -62,15 +63,9 @@ def test_warps_for():
     assert [gemv_mma.warps_for(t) for t in (1, 2, 3, 8, 28)] == [1, 2, 4, 8, 8]
 
 
-def check(n, k, group_size, seed=0, x_scale=1.0, **config):
-    qw = random_qweight(n, k, group_size, False, seed=seed)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).half() * x_scale
-    w = repack(qw, "cuda")
-    y = gemv_mma.gemv_mma(x.cuda(), w, **config)
-    assert y.shape == (1, n) and y.dtype == torch.float16
-    err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
-    assert err < 2e-3, err
-    return w, x.cuda(), y
+def check(n, k, group_size, seed=0, **config):
+    """``gemv_mma`` against the numpy reference for one fp16 row (w4_helpers.check_cuda_kernel)."""
+    return check_cuda_kernel(gemv_mma.gemv_mma, n, k, group_size, False, 1, seed=seed, **config)
 
 
 @gpu
@@ -86,7 +81,7 @@ def test_gemv_mma_shapes(n, k, group_size, warps):
 @gpu
 def test_gemv_mma_outliers_and_repeats():
     """x of 4000 stays within fp32's range; the same call gives the same bits, with PDL or without."""
-    w, x, y = check(512, 4096, 128, x_scale=1.0, seed=7)
+    w, x, y = check(512, 4096, 128, seed=7)
     x[0, 100] = 4000
     y = gemv_mma.gemv_mma(x, w, pdl=False)
     qw = random_qweight(512, 4096, 128, False, seed=7)
