@@ -15,7 +15,7 @@ the previous call's output (``y[..., :K]``; shapes with N < K take the same x an
 GEMVs launched as the runtime launches them (programmatic dependent launch on Hopper unless
 ``KLAQ_PDL=0``, kernels/pdl.py: a GEMV lets the next kernel launch, then waits for the previous
 one before reading x; the targets say which way it ran), cuBLAS as torch launches it. On Hopper
-both time ``gemv_tma`` where the dispatch takes it (K < 8192, symmetric weights;
+both time ``gemv_reg`` where the dispatch takes it (K < 8192, symmetric weights;
 kernels/gluon_gemv.py), the main columns without PDL.
 """
 

@@ -3,6 +3,7 @@
     python bench/wgmma_ptxas.py [--block-m 128] [--sub 64] [--zero] [--json]
     python bench/wgmma_ptxas.py --kernel tall [--sub 64] [--zero] [--whole-tiles]
     python bench/wgmma_ptxas.py --kernel gemv [--launch 8:1:4:1]
+    python bench/wgmma_ptxas.py --kernel gemv_reg [--launch 4:1:4:1] [--module VARIANT]
     python bench/wgmma_ptxas.py --kernel gemv_mma [--warps 8] [--tiles 8]
     cp kernels/gluon_w4a16.py /tmp/v.py && patch /tmp/v.py bench/results/wgmma_pipelined.diff
     python bench/wgmma_ptxas.py --module /tmp/v.py --const PARTS=1 --const TILE_WAIT=False \
@@ -118,6 +119,44 @@ def gemv_mma_ptx(warps: int = 8, tiles: int = 8) -> str:
     return _compile_ptx(mma._gemv_mma_kernel, sig, consts, divisible=list(sig))
 
 
+def gemv_reg_ptx(block_n: int = 4, wr: int = 1, wq: int = 4, nch: int = 1, sub: int = 64, pdl: bool = False,
+                 module: str | None = None) -> str:
+    """The PTX of kernels/gluon_gemv.py's register-load M = 1 kernel (``gemv_reg``) for sm_90a: ``block_n``
+    rows per program in ``wr`` x ``wq`` warps, rows of ``nch`` chunks of ``128 * wq`` words; ``module``:
+    another copy of kernels/gluon_gemv.py (a variant). Integer and pointer arguments divisible by 16, as
+    a launch on the Llama shapes specializes them."""
+    import importlib.util
+
+    from klaq.kernels import gluon_gemv
+
+    if module:
+        spec = importlib.util.spec_from_file_location("gemv_variant", module)
+        gluon_gemv = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gluon_gemv)
+    sig = {"w_ptr": "*i32", "x_ptr": "*fp16", "s_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32",
+           "group_size": "i32"}
+    consts = dict(BLOCK_N=block_n, WR=wr, WQ=wq, NCH=nch, SUB=sub, PDL=pdl, num_warps=wr * wq, COMPUTE=True)
+    return _compile_ptx(gluon_gemv._gemv_reg_kernel, sig, consts, divisible=list(sig))
+
+
+def load_order(ptx: str) -> dict:
+    """Where the global loads sit in the sm_90a SASS of ``ptx`` against the half2 arithmetic: their count,
+    how many come after the first HFMA2 / HMUL2 / HADD2 (``late``), and the instruction indices."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        subprocess.run([ptxas_path(), "-arch=sm_90a", src, "-o", cubin], check=True, capture_output=True, timeout=300)
+        nvdisasm = os.path.join(os.path.dirname(ptxas_path()), "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], check=True, capture_output=True, text=True, timeout=300).stdout
+    ops = [line.split("*/", 1)[1].strip() for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    loads = [i for i, op in enumerate(ops) if re.search(r"\bLDG\.", op)]
+    math = [i for i, op in enumerate(ops) if re.search(r"\bH(FMA2|MUL2|ADD2)\b(?!\.MMA)", op)]
+    first = math[0] if math else len(ops)
+    return dict(loads=len(loads), late=sum(i > first for i in loads), first_math=first,
+                last_load=loads[-1] if loads else -1)
+
+
 def ptxas_path() -> str:
     """The ptxas this Triton itself runs for sm_90 (Triton 3.9 takes its newer ``ptxas-blackwell`` for
     sm_90 too: the bundled plain ``ptxas`` cannot read the PTX version it writes)."""
@@ -148,12 +187,14 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("wgmma", "tall", "gemv", "gemv_mma"), default="wgmma",
+    ap.add_argument("--kernel", choices=("wgmma", "tall", "gemv", "gemv_reg", "gemv_mma"), default="wgmma",
                     help="gluon_w4a16's kernel, gluon_w4a16_tall's (128 x 256 tiles; --sub 32 or 64), gluon_gemv's "
-                    "M = 1 kernel (--launch), or gluon_gemv_mma's (--warps, --tiles)")
+                    "M = 1 kernels (gemv: the TMA one, --launch BN:WR:WQ:RB; gemv_reg: --launch BN:WR:WQ:NCH, also "
+                    "reporting its global loads' place in the SASS), or gluon_gemv_mma's (--warps, --tiles)")
     ap.add_argument("--warps", type=int, default=8, help="gemv_mma: warps per program")
     ap.add_argument("--tiles", type=int, default=8, help="gemv_mma: 512-code tiles per row (K / 512)")
-    ap.add_argument("--launch", default="8:1:4:1", help="gemv: BLOCK_N:WR:WQ:RB (rows, warps, row blocks)")
+    ap.add_argument("--launch", help="gemv: BLOCK_N:WR:WQ:RB (rows, warps, row blocks); "
+                    "gemv_reg: BLOCK_N:WR:WQ:NCH (default 4:1:4:1); default 8:1:4:1")
     ap.add_argument("--block-m", type=int, default=128, help="tokens per tile (64, 128 or 256)")
     ap.add_argument("--sub", type=int, default=64, help="codes per slice (block_k / 8: 16, 32 or 64)")
     ap.add_argument("--zero", action="store_true", help="zero points (asymmetric weights)")
@@ -170,10 +211,20 @@ def main() -> int:
         return 2
     extra = {name: ast.literal_eval(value) for name, value in (c.split("=", 1) for c in args.const)}
     if args.kernel == "gemv":
+        args.launch = args.launch or "8:1:4:1"
         bn, wr, wq, rb = map(int, args.launch.split(":"))
         rep = dict(kernel="gemv", launch=args.launch, **ptxas_report(gemv_ptx(bn, wr, wq, rb)))
         print(json.dumps(rep) if args.json else f"gemv kernel, launch {args.launch}: {rep['registers']} registers, "
               f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")
+        return 0
+    if args.kernel == "gemv_reg":
+        launch = args.launch or "4:1:4:1"
+        bn, wr, wq, nch = map(int, launch.split(":"))
+        ptx = gemv_reg_ptx(bn, wr, wq, nch, args.sub, module=args.module)
+        rep = dict(kernel="gemv_reg", launch=launch, **ptxas_report(ptx), **load_order(ptx))
+        print(json.dumps(rep) if args.json else f"gemv_reg kernel, launch {launch}: {rep['registers']} registers, "
+              f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes, {rep['loads']} global loads, "
+              f"{rep['late']} after the first half2 arithmetic")
         return 0
     if args.kernel == "gemv_mma":
         rep = dict(kernel="gemv_mma", warps=args.warps, tiles=args.tiles,

@@ -1,34 +1,38 @@
-"""Hopper M = 1 GEMV whose weights arrive by TMA before the PDL wait (Gluon): ``gemv_tma``.
+"""Hopper M = 1 GEMVs (Gluon): ``gemv_reg``, the dispatch's, and ``gemv_tma``, whose words arrive by TMA.
 
 Why: at batch 1 a GEMV of a Llama-sized layer is a few microseconds, and about 2 us of it is fixed
 cost: the launch, the first DRAM round trip, and the tail while the last programs finish
-(BENCHMARKS.md, "M = 1"). ``gemv_h2`` (triton_w4a16.py) holds its words in registers, so the bytes a
-program has in flight are bounded by its registers, and with programmatic dependent launch only its
-first step could be read before ``griddepcontrol.wait``. Here one thread per program issues TMA
-copies of the program's whole weight range into shared memory at its start, *before* the wait: the
-weights never depend on the previous kernel, so in a chain of GEMVs (a decode step) each call's
-weights stream in while the call before it computes, and the fixed cost overlaps.
+(BENCHMARKS.md, "M = 1"). Both kernels read a program's whole weight range at its start (with
+programmatic dependent launch *before* ``griddepcontrol.wait``: the weights never depend on the
+previous kernel, so in a chain of GEMVs, a decode step, each call's weights stream in while the call
+before it computes) and share their arithmetic: each thread holds ``BLOCK_N / WR`` rows x one quad of 4
+consecutive words of a chunk; x's pairs are loaded once per thread and broadcast over its rows in
+registers, a pair's scales for those rows are one contiguous load from the ``[G, N]`` layout, and the
+4 words of a quad share a pair's scale, so gemv_h2's symmetric half2 column sum (``_colsum_ptx``)
+applies to the quad as it sits in registers.
 
-A program owns ``RB`` blocks of ``BLOCK_N`` rows; the first tile's scales are loaded before the wait
-too, and only x (and y's buffer) wait for the previous kernel. (Programs of several row blocks stay
-slower than one block even with all their scales in the words' TMA transaction, and so does their read
-floor: BENCHMARKS.md, "M = 1, scales by TMA with the words"; that variant is
-bench/results/gluon_gemv_tma_scales.diff.) Each thread holds ``BLOCK_N / WR`` rows x one quad of 4
-consecutive words of a chunk: x's pairs are loaded once per thread and broadcast over its rows in
-registers, a pair's scales for those rows are one contiguous load from
-the ``[G, N]`` layout, and the 4 words of a quad share a pair's scale, so gemv_h2's symmetric half2
-column sum (``_colsum_ptx``) applies to the quad as it sits in registers.
+* ``gemv_reg``: 4-row programs load their words straight into registers (16-byte loads, evict-first)
+  and their scales, then x, all before any arithmetic. Written in that order on purpose: with x loaded
+  at each pair's turn ptxas sank those loads past the earlier pairs' arithmetic, one L2 round trip
+  after another once the words had landed (bench/wgmma_ptxas.py ``--kernel gemv_reg`` checks the SASS).
+  H100 (bench/results/reg_gemv_probe_h100.txt): 5.41 / 7.04 / 12.73 us alone on 4096x4096 / 6144x4096
+  / 14336x4096 (3.06x / 3.07x / 3.32x cuBLAS; ``gemv_tma`` 6.21 / 8.06 / 14.16 in the same run), read
+  floor 4.85 us at 4096x4096 against the TMA kernel's 5.13.
+* ``gemv_tma``: one thread per program issues TMA copies of the words into shared memory. A program
+  owns ``RB`` blocks of ``BLOCK_N`` rows; the first tile's scales are loaded before the wait too.
+  (Programs of several row blocks stay slower than one block even with all their scales in the words'
+  TMA transaction, and so does their read floor: BENCHMARKS.md, "M = 1, scales by TMA with the words";
+  that variant is bench/results/gluon_gemv_tma_scales.diff.) By name (``kernel="gemv_tma"``);
+  :func:`config_for` picks its launch.
 
 Symmetric weights, fp16 x, and both slices of a pair in one group (``2 * SUB`` divides the group
-size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) takes it in place of
-``gemv_h2`` where K < 8192, with PDL or without (alone it was a little faster than gemv_h2 too;
-:func:`triton_w4a16.tma_gemv_default`; ``KLAQ_TMA_GEMV=0`` turns it off), or when asked by name
-(``kernel="gemv_tma"``); :func:`config_for` picks the launch. H100, a dependent chain as in a decode
-step (bench/kernels.py, bench/results/kernels_h100_rb.md): 3.70x / 3.11x / 3.08x cuBLAS on 4096x4096
-/ 6144x4096 / 14336x4096 with the launch config_for picks (gemv_h2: 2.39x / 2.56x / 2.95x in an
-earlier run); at 4096x14336 it was slower (2.16x against 2.65x), hence the K rule.
-Gluon has no interpreter mode, so the kernel is tested on a Hopper GPU only
-(tests/kernels/test_gluon_gemv.py); the rules that pick it and size its ring are tested everywhere.
+size); anything else takes ``gemv_h2``. The dispatch (triton_w4a16.w4a16_matmul) takes ``gemv_reg`` in
+place of ``gemv_h2`` where K < 8192, with PDL or without (:func:`triton_w4a16.tma_gemv_default`;
+``KLAQ_TMA_GEMV=0`` turns it off); at 4096x14336 the TMA kernel was slower than gemv_h2 (2.16x against
+2.65x in a chain), hence the K rule. Between K = 4096 and 8192 (512-code tiles) a ``gemv_reg`` row is
+two chunks, and ptxas then places 11-13 of its 32 loads after the first arithmetic (unmeasured there).
+Gluon has no interpreter mode, so the kernels are tested on a Hopper GPU only
+(tests/kernels/test_gluon_gemv.py); the rules that pick them and size the TMA ring are tested everywhere.
 """
 
 from __future__ import annotations
@@ -215,6 +219,56 @@ def _gemv_tma_kernel(w_desc, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, BLOCK_N:
         mbarrier.invalidate(bars.index(b))
 
 
+@gluon.jit
+def _gemv_reg_kernel(w_ptr, x_ptr, s_ptr, y_ptr, N, K, Kw, group_size, BLOCK_N: gl.constexpr, WR: gl.constexpr,
+                     WQ: gl.constexpr, NCH: gl.constexpr, SUB: gl.constexpr, PDL: gl.constexpr,
+                     num_warps: gl.constexpr, COMPUTE: gl.constexpr = True):
+    # One program: BLOCK_N rows x the whole row, as NCH chunks of 32 * WQ quads (each thread one quad of
+    # each chunk for BLOCK_N / WR rows; the chunks are the layout's repetition). Every load is written
+    # before any arithmetic, words and scales before the PDL wait, x's four pairs right after it: had x
+    # been loaded at each pair's turn (as _chunk's order reads), ptxas would sink those loads past the
+    # earlier pairs' arithmetic, one L2 round trip after another once the words land.
+    RPT: gl.constexpr = BLOCK_N // WR
+    QT: gl.constexpr = NCH * 32 * WQ
+    L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4], [1, 32, 1], [WR, WQ, 1], [2, 0, 1])
+    LS: gl.constexpr = gl.SliceLayout(2, L3)
+    LX: gl.constexpr = gl.SliceLayout(0, L3)
+    rows = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    quad = gl.arange(0, QT, layout=gl.SliceLayout(0, LS))
+    col = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))
+    r3 = gl.expand_dims(gl.expand_dims(rows, 1), 2)
+    q3 = gl.expand_dims(gl.expand_dims(quad, 0), 2)
+    c3 = gl.expand_dims(gl.expand_dims(col, 0), 0)
+    # streamed once per call: evict_first keeps x (read by every program) in the caches
+    words = gl.load(w_ptr + r3 * Kw + q3 * 4 + c3, mask=(r3 < N) & (q3 < Kw // 4), other=0,
+                    eviction_policy="evict_first")
+    s_rows = gl.expand_dims(rows, 1)
+    if COMPUTE:
+        s0 = _s(s_ptr, 0, quad, 0, s_rows, N, Kw, group_size, QT, SUB)
+        s1 = _s(s_ptr, 0, quad, 1, s_rows, N, Kw, group_size, QT, SUB)
+        s2 = _s(s_ptr, 0, quad, 2, s_rows, N, Kw, group_size, QT, SUB)
+        s3 = _s(s_ptr, 0, quad, 3, s_rows, N, Kw, group_size, QT, SUB)
+    if PDL:  # the words and scales never depend on an earlier kernel; x (and y's buffer) may
+        gdc_launch_dependents()
+        gdc_wait()
+    if COMPUTE:
+        zero = gl.zeros([BLOCK_N, QT, 4], gl.int32, layout=L3)
+        quad_x = gl.arange(0, QT, layout=gl.SliceLayout(1, LX))
+        x0 = _x(x_ptr, 0, quad_x, col, 0, zero, K, QT, SUB)
+        x1 = _x(x_ptr, 0, quad_x, col, 1, zero, K, QT, SUB)
+        x2 = _x(x_ptr, 0, quad_x, col, 2, zero, K, QT, SUB)
+        x3 = _x(x_ptr, 0, quad_x, col, 3, zero, K, QT, SUB)
+        a2 = _colsum(words, x0, s0, zero, 0)
+        a2 = _colsum(words, x1, s1, a2, 1)
+        a2 = _colsum(words, x2, s2, a2, 2)
+        a2 = _colsum(words, x3, s3, a2, 3)
+        acc = gl.inline_asm_elementwise(_SUM, "=f,r", [gl.sum(a2, axis=2)], dtype=gl.float32, is_pure=True, pack=1)
+        out = gl.sum(acc, axis=1) * 8.0  # weights were (q - 8) / 4, x / 2
+    else:
+        out = gl.sum(gl.sum(words, axis=2), axis=1).to(gl.float32)
+    gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
+
+
 # (BLOCK_N, WR, WQ, RB): 8 rows x one quad per thread, 4 warps, 512 words per chunk, one row block
 # per program: the fastest with PDL on all three large Llama-3-8B shapes of 10 configs
 # (bench/results/tma_gemv_probe_small_h100.txt).
@@ -305,4 +359,30 @@ def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int |
                                                       EARLY_S=early_scales and compute,
                                                       **launch_kwargs(use_pdl),
                                                       **({"maxnreg": maxnreg} if maxnreg else {}))
+    return y.reshape(*x.shape[:-1], n)
+
+
+# (BLOCK_N, WR, WQ): 4 rows x one quad per thread, 4 warps: of five register-load launches the fastest alone
+# and in the chain on the three large Llama-3-8B shapes (bench/results/reg_gemv_probe_h100.txt); 56
+# registers (sm_90a, Triton 3.6's ptxas and 3.9's), so 9 programs per SM.
+REG_CONFIG = (4, 1, 4)
+
+
+def gemv_reg(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int | None = None,
+             wq: int | None = None, pdl: bool | None = None, compute: bool = True) -> torch.Tensor:
+    """``x @ W.T`` for one fp16 row ``x [1, K]`` (what :func:`gemv_tma_ok` takes) with the words loaded
+    straight into registers: ``block_n`` rows per program (default :data:`REG_CONFIG`), each thread
+    ``block_n / wr`` rows x one quad of every ``128 * wq``-word chunk of the row. The same arithmetic in
+    the same order as :func:`gemv_tma` at one chunk per row, so the same bits there. ``compute=False``
+    (benchmarks only): the read floor, each row's output the XOR of its words."""
+    n, kw = w.qweight.shape
+    block_n, wr, wq = block_n or REG_CONFIG[0], wr or REG_CONFIG[1], wq or REG_CONFIG[2]
+    if block_n % wr or (block_n // wr) & (block_n // wr - 1):
+        raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
+    use_pdl = pdl_for(x.device, pdl)
+    y = torch.empty((1, n), device=x.device, dtype=torch.float16)
+    _gemv_reg_kernel[(triton.cdiv(n, block_n),)](w.qweight, x.reshape(1, w.in_features).contiguous(), w.scales, y,
+                                                 n, w.in_features, kw, w.group_size, BLOCK_N=block_n, WR=wr, WQ=wq,
+                                                 NCH=triton.next_power_of_2(triton.cdiv(kw, 128 * wq)), SUB=w.block_k // 8, PDL=use_pdl,
+                                                 num_warps=wr * wq, COMPUTE=compute, **launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n)

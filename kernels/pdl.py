@@ -25,11 +25,12 @@ GEMVs' first words loaded before the wait (``gemv_wide``'s default there), with 
 over 256 steps (bench/pdl_decode_check.py); alone, it pays only when both kernels of an edge use it
 (GEMVs only: 1164, fused ops only: 1187). A chain of Llama-sized ``gemv_h2`` calls and nothing else
 ran 5% slower with it on two of three shapes (bench/pdl_sweep.py); Hopper's M = 1 layers with
-K < 8192 and symmetric weights now take ``gemv_tma`` instead (gluon_gemv.py, with PDL or without),
-whose weights and first scales arrive before the wait: such a chain ran 3.70x / 3.11x / 3.08x cuBLAS
-against gemv_h2's 2.39x / 2.56x / 2.95x. PDL never changes what a kernel computes; with it,
-``gemv_tma`` may launch 4-row x 2 programs instead of 8-row ones (``config_for``): each row's sum is
-the same arithmetic in the same order either way (tests/kernels/test_gluon_gemv.py).
+K < 8192 and symmetric weights take gluon_gemv.py's ``gemv_reg`` instead (with PDL or without),
+whose words and scales are loaded before the wait (``gemv_tma``'s arrive by TMA before it; such a chain
+ran 3.70x / 3.11x / 3.08x cuBLAS against gemv_h2's 2.39x / 2.56x / 2.95x). PDL never changes what a
+kernel computes; with it, ``gemv_tma`` may launch 4-row x 2 programs instead of 8-row ones
+(``config_for``): each row's sum is the same arithmetic in the same order either way
+(tests/kernels/test_gluon_gemv.py).
 """
 
 from __future__ import annotations

@@ -39,9 +39,11 @@ Kernels (§4.3), picked by :func:`default_config` from M and the layer size:
   ``dequant`` (M > 16): TMA-staged x, asynchronous wgmma on register-dequantized weights; from
   M = 129, where 128 x 256 tiles fill two thirds of the SMs, gluon_w4a16_tall.py's two-warpgroup
   kernel (a weight dequantized once per 256 tokens).
-* ``gemv_tma`` (gluon_gemv.py): on Hopper, for symmetric weights, each program's words arrive by
-  TMA (with PDL before its wait, so a GEMV's weights stream in while the kernel before it runs).
-  In place of ``gemv_h2`` for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`).
+* ``gemv_reg`` (gluon_gemv.py): on Hopper, for symmetric weights, 4-row programs load all their words
+  and scales into registers at their start (with PDL before its wait, so a GEMV's weights stream in
+  while the kernel before it runs) and x right after, before any arithmetic. In place of ``gemv_h2``
+  for K < 8192 (``KLAQ_TMA_GEMV=0`` turns it off; :func:`tma_gemv_default`). ``gemv_tma`` (the same
+  arithmetic, words by TMA into shared memory) by name.
 
 With split-K the partial sums meet in a shared fp32 workspace, finished by the last program of
 each tile (:func:`_store_split`), so every call is a single launch.
@@ -838,7 +840,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
       long K, split-K, 1-2% slower, so not there). Not kept: the next step's words loaded early in
       registers (7-60% slower), a TMA prefetch of the program's words into L2 (5-35% slower), x
       loaded in the words' layout (10-60% slower). bf16 activations take the ``gemv``.
-    * M = 1 on Hopper, K < 8192, symmetric weights (fp16): ``gemv_tma`` replaces ``gemv_h2``
+    * M = 1 on Hopper, K < 8192, symmetric weights (fp16): ``gemv_reg`` replaces ``gemv_h2``
       in :func:`w4a16_matmul` (gluon_gemv.py; :func:`tma_gemv_default`).
     * M = 2-16: ``gemm`` with M padded to 16, fp16 weights dequantized in half2 (``_DQ_*``):
       1.5-2.0x cuBLAS at M = 16, 1.4-1.7x at M = 4 (1.45-1.58x and 1.2-1.3x with the fp32 dequant).
@@ -873,7 +875,7 @@ def default_config(m: int, n: int, k: int, dtype=torch.float16) -> dict:
     return dict(kernel="dequant")
 
 
-KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant", "wgmma", "gemv_tma")
+KERNELS = ("gemv", "gemv_h2", "gemv_wide", "gemm", "gemm_swap", "dequant", "wgmma", "gemv_tma", "gemv_reg")
 _GLUON: list = []  # the optional Gluon modules, imported once: [module] or [None] (see _optional)
 _TMA: list = []
 
@@ -912,7 +914,8 @@ def wgmma_ok(x: torch.Tensor, k: int) -> bool:
 
 
 def tma_gemv_default(k: int) -> bool:
-    """Whether the dispatch sends ``gemv_h2``'s calls to the TMA GEMV: for K below 8192, unless
+    """Whether the dispatch sends ``gemv_h2``'s calls to gluon_gemv's ``gemv_reg`` (before it, ``gemv_tma``,
+    whose numbers follow): for K below 8192, unless
     ``KLAQ_TMA_GEMV=0`` (read at each call). H100 (bench/results/kernels_h100_rb.md): a dependent chain
     with PDL as in a decode step, 4096x4096 4.8 us against gemv_h2's 7.0 (an earlier run), 6144x4096
     7.2 against 8.9, 14336x4096 14.6 against 14.8, but 4096x14336 21.2 against 17.4
@@ -922,7 +925,7 @@ def tma_gemv_default(k: int) -> bool:
 
 
 def tma_gemv_ok(x: torch.Tensor, w: TritonW4) -> bool:
-    """Whether the Hopper TMA GEMV (gluon_gemv.py) can take this call: on what it takes
+    """Whether the Hopper Gluon GEMVs (gluon_gemv.py) can take this call: on what they take
     (:func:`gluon_gemv.gemv_tma_ok`) and where Gluon is importable (not the interpreter)."""
     if _INTERPRET or not x.is_cuda:
         return False
@@ -974,7 +977,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
     kind = cfg["kernel"]
     if kind not in KERNELS:
         raise ValueError(f"unknown kernel {kind!r}; choose from {KERNELS}")
-    if kind in ("gemv_wide", "gemv_h2", "gemv_tma") and m != 1:
+    if kind in ("gemv_wide", "gemv_h2", "gemv_tma", "gemv_reg") and m != 1:
         raise ValueError(f"{kind} takes one row of activations")
     if kind == "gemv_h2" and x.dtype != torch.float16:
         raise ValueError("gemv_h2 takes fp16 activations")
@@ -987,15 +990,16 @@ def w4a16_matmul(x: torch.Tensor, w: TritonW4, kernel: str | None = None, block_
             return y.reshape(*lead, n)
     gemv = kind.startswith("gemv")
     use_pdl = gemv and pdl_for(x.device, pdl)
-    if kind == "gemv_tma":
+    if kind in ("gemv_tma", "gemv_reg"):
         if not tma_gemv_ok(x2, w):
-            raise ValueError("the gemv_tma kernel needs one fp16 row on an sm_90 GPU, symmetric weights whose "
+            raise ValueError(f"the {kind} kernel needs one fp16 row on an sm_90 GPU, symmetric weights whose "
                              "group size is a multiple of block_k / 4, and Triton's Gluon")
-        return _TMA[0].gemv_tma(x2, w, pdl=use_pdl).reshape(*lead, n)
+        return getattr(_TMA[0], kind)(x2, w, pdl=use_pdl).reshape(*lead, n)
     if kind == "gemv_h2" and kernel is None and tma_gemv_default(k) and tma_gemv_ok(x2, w):
-        # M = 1 on Hopper: the weights (with PDL, before the wait) arrive by TMA (gluon_gemv.py). A Triton
-        # whose Gluon cannot build it falls back to gemv_h2, once, with a warning.
-        y = _try_optional(_TMA, "Hopper TMA GEMV", "gemv_h2", lambda: _TMA[0].gemv_tma(x2, w, pdl=use_pdl))
+        # M = 1 on Hopper: gluon_gemv's register-load GEMV, every load issued before its arithmetic (with
+        # PDL the words and scales before the wait). A Triton whose Gluon cannot build it falls back to
+        # gemv_h2, once, with a warning.
+        y = _try_optional(_TMA, "Hopper Gluon GEMV", "gemv_h2", lambda: _TMA[0].gemv_reg(x2, w, pdl=use_pdl))
         if y is not None:
             return y.reshape(*lead, n)
     if kind == "wgmma":

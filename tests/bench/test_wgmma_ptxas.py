@@ -92,3 +92,33 @@ def test_the_tensor_core_gemv_builds_without_spills(args):
     tiles): ptxas fits it without spills."""
     rep = report("--kernel", "gemv_mma", *args)
     assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep
+
+
+X_LOADS = "\n".join(f"        x{p} = _x(x_ptr, 0, quad_x, col, {p}, zero, K, QT, SUB)" for p in range(4))
+
+
+def test_the_register_gemv_issues_every_global_load_before_its_arithmetic():
+    """kernels/gluon_gemv.py's ``gemv_reg`` at its default launch (K <= 4096 at 512-code tiles: one chunk):
+    in the sm_90a SASS no global load comes after the first half2 instruction, so once a program's words
+    land nothing waits on L2 again (x's pairs loaded at their turn cost 0.7 us at 4096x4096); 56 registers
+    or fewer, so 9 programs of 4 warps fit an SM, and no spills."""
+    rep = report("--kernel", "gemv_reg")
+    assert rep["loads"] >= 16 and rep["late"] == 0, rep
+    assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep
+    assert 9 * 4 * 32 * (-(-rep["registers"] // 8) * 8) <= 65536, rep
+
+
+def test_x_loaded_at_each_pairs_turn_is_reported_late(tmp_path):
+    """The check can fail: a copy of the kernel that loads each pair's x just before that pair's sum
+    (the probe's first order) has global loads after the first half2 instruction."""
+    source = (ROOT / "kernels" / "gluon_gemv.py").read_text()
+    assert source.count(X_LOADS) == 1
+    variant = source.replace(X_LOADS + "\n", "")
+    for p in range(4):
+        call = f"a2 = _colsum(words, x{p}, s{p}, "
+        assert variant.count(call) == 1
+        variant = variant.replace(call, f"x{p} = _x(x_ptr, 0, quad_x, col, {p}, zero, K, QT, SUB)\n        " + call)
+    path = tmp_path / "late_x.py"
+    path.write_text(variant)
+    rep = report("--kernel", "gemv_reg", "--module", str(path))
+    assert rep["late"] > 0, rep

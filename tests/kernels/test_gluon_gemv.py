@@ -1,4 +1,4 @@
-"""The Hopper TMA GEMV (kernels/gluon_gemv.py) against the numpy reference.
+"""The Hopper Gluon GEMVs (kernels/gluon_gemv.py: ``gemv_tma``, ``gemv_reg``) against the numpy reference.
 
 Gluon has no interpreter mode: the kernel cases run on an sm_90 GPU only and skip elsewhere; the
 rules that pick it and size its ring run everywhere.
@@ -17,11 +17,11 @@ hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 (Hopper) GPU")
 gluon_gemv = pytest.importorskip("klaq.kernels.gluon_gemv")
 
 
-def check(n, k, group_size, seed=0, x_scale=1.0, **config):
+def check(n, k, group_size, seed=0, x_scale=1.0, kernel="gemv_tma", **config):
     qw = random_qweight(n, k, group_size, False, seed=seed)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).half() * x_scale
     w = repack(qw, "cuda")
-    y = gluon_gemv.gemv_tma(x.cuda(), w, **config)
+    y = getattr(gluon_gemv, kernel)(x.cuda(), w, **config)
     assert y.shape == (1, n) and y.dtype == torch.float16
     err = rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw))
     assert err < 2e-3, err
@@ -78,6 +78,55 @@ def test_gemv_tma_large_activations_stay_finite():
 def test_gemv_tma_with_and_without_pdl_is_the_same_sum(pdl):
     w, x, y = check(1024, 2048, 128, pdl=pdl)
     assert torch.equal(y, gluon_gemv.gemv_tma(x, w, pdl=not pdl))
+
+
+@hopper
+@pytest.mark.parametrize("n,k,group_size", [(300, 576, 128), (576, 1536, 128), (576, 1536, 256),
+                                            (1000, 4096 + 64, 128), (4096, 4096, 128), (1001, 6144, 128),
+                                            (100, 14336, 128)])
+@pytest.mark.parametrize("config", [dict(), dict(block_n=8), dict(block_n=4, wq=2), dict(block_n=16, wr=2, wq=2),
+                                    dict(block_n=2, wq=1)])
+def test_gemv_reg_shapes(n, k, group_size, config):
+    """Ragged K (576; 4096 + 64 and 6144 as two chunks, the second partly past the row: masked words
+    and x), N off the row blocks, long K as four chunks, groups 128 and 256, five launches."""
+    check(n, k, group_size, seed=n + k, kernel="gemv_reg", **config)
+
+
+@hopper
+@pytest.mark.parametrize("n,k", [(1000, 4096), (4096, 4096), (300, 576)])
+def test_gemv_reg_is_gemv_tma_where_a_row_is_one_chunk(n, k):
+    """The same quads, pairs and sums in the same order as the TMA kernel: the same bits."""
+    w, x, y = check(n, k, 128, kernel="gemv_reg")
+    assert torch.equal(y, gluon_gemv.gemv_tma(x, w, pdl=False))
+
+
+@hopper
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_reg_with_and_without_pdl_is_the_same_sum(pdl):
+    w, x, y = check(1024, 2048, 128, kernel="gemv_reg", pdl=pdl)
+    assert torch.equal(y, gluon_gemv.gemv_reg(x, w, pdl=not pdl))
+
+
+@hopper
+def test_gemv_reg_large_activations_stay_finite():
+    check(512, 4096, 128, x_scale=4000.0, kernel="gemv_reg")
+
+
+@hopper
+def test_gemv_reg_read_floor_is_the_xor_of_the_words():
+    """compute=False (the benchmarks' read floor) reads every word once: each row's output is the sum
+    of its words (small words here, so the sum is exact in fp16)."""
+    w = repack(random_qweight(300, 1536, 128, False), "cuda")
+    w.qweight = torch.randint(0, 4, tuple(w.qweight.shape), generator=torch.Generator().manual_seed(4),
+                              dtype=torch.int32).cuda()
+    y = gluon_gemv.gemv_reg(torch.zeros(1, 1536, dtype=torch.float16, device="cuda"), w, compute=False)
+    assert torch.equal(y.view(-1), w.qweight.sum(dim=1).half())
+
+
+def test_gemv_reg_rows_per_thread_must_be_a_power_of_two():
+    w = repack(random_qweight(64, 512, 128, False), "cpu")
+    with pytest.raises(ValueError, match="power of two"):
+        gluon_gemv.gemv_reg(torch.zeros(1, 512, dtype=torch.float16), w, block_n=12, wr=1)
 
 
 def test_gemv_tma_takes_only_what_it_can():
@@ -155,13 +204,14 @@ def test_rows_per_thread_must_be_a_power_of_two():
 
 @hopper
 @pytest.mark.parametrize("pdl,asym,expected", [(True, False, 1), (False, False, 1), (True, True, 0)])
-def test_dispatch_takes_tma(pdl, asym, expected, monkeypatch):
-    """M = 1, fp16, a layer past gemv_wide's size on Hopper (by default): the TMA GEMV for symmetric
-    weights, with PDL or without, gemv_h2 otherwise; both match the reference."""
+def test_dispatch_takes_the_register_gemv(pdl, asym, expected, monkeypatch):
+    """M = 1, fp16, a layer past gemv_wide's size on Hopper (by default): the register-load Gluon GEMV
+    for symmetric weights, with PDL or without, gemv_h2 otherwise; both match the reference."""
     monkeypatch.delenv("KLAQ_TMA_GEMV", raising=False)
     calls = []
-    real = gluon_gemv.gemv_tma
-    monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append(kw) or real(x, w, **kw))
+    real = gluon_gemv.gemv_reg
+    monkeypatch.setattr(gluon_gemv, "gemv_reg", lambda x, w, **kw: calls.append(kw) or real(x, w, **kw))
+    monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append("tma"))
     qw = random_qweight(2048, 2048, 128, asym)
     x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1)).half()
     y = w4a16_matmul(x.cuda(), repack(qw, "cuda"), pdl=pdl)
@@ -169,12 +219,22 @@ def test_dispatch_takes_tma(pdl, asym, expected, monkeypatch):
     assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
 
 
-def test_forcing_tma_off_hopper_is_a_clear_error():
+@pytest.mark.parametrize("kernel", ["gemv_tma", "gemv_reg"])
+def test_forcing_a_gluon_gemv_off_hopper_is_a_clear_error(kernel):
     if HOPPER:
         pytest.skip("the kernel runs here")
     w = repack(random_qweight(64, 1024, 128, False), "cuda" if HAS_CUDA else "cpu")
-    with pytest.raises(ValueError, match="sm_90"):
-        w4a16_matmul(torch.zeros(1, 1024, dtype=torch.float16, device=w.qweight.device), w, kernel="gemv_tma")
+    with pytest.raises(ValueError, match=f"{kernel} kernel needs .* sm_90"):
+        w4a16_matmul(torch.zeros(1, 1024, dtype=torch.float16, device=w.qweight.device), w, kernel=kernel)
+
+
+@hopper
+@pytest.mark.parametrize("kernel", ["gemv_tma", "gemv_reg"])
+def test_either_gluon_gemv_by_name(kernel):
+    qw = random_qweight(600, 2048, 128, False)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(3)).half()
+    y = w4a16_matmul(x.cuda(), repack(qw, "cuda"), kernel=kernel)
+    assert rel_err(y.float().cpu().numpy(), reference_matmul(x.float().numpy(), qw)) < 2e-3
 
 
 @hopper
@@ -186,6 +246,7 @@ def test_dispatch_keeps_gemv_h2_for_long_k_or_when_off(n, k, env, monkeypatch):
         monkeypatch.setenv("KLAQ_TMA_GEMV", env)
     calls = []
     monkeypatch.setattr(gluon_gemv, "gemv_tma", lambda x, w, **kw: calls.append(kw))
+    monkeypatch.setattr(gluon_gemv, "gemv_reg", lambda x, w, **kw: calls.append(kw))
     qw = random_qweight(n, k, 128, False)
     w4a16_matmul(torch.zeros(1, k, dtype=torch.float16, device="cuda"), repack(qw, "cuda"), pdl=True)
     assert calls == []
@@ -201,8 +262,8 @@ def test_tma_default_rule(monkeypatch):
     assert not tma_gemv_default(4096)
 
 
-def test_a_tma_gemv_that_cannot_build_falls_back_once(monkeypatch):
-    """Where the TMA GEMV fails to build or launch (another Triton's Gluon API), the call warns,
+def test_a_gluon_gemv_that_cannot_build_falls_back_once(monkeypatch):
+    """Where the Gluon GEMV fails to build or launch (another Triton's Gluon API), the call warns,
     takes gemv_h2 and never tries the kernel again in this process."""
     from klaq.kernels import triton_w4a16
 
@@ -210,5 +271,5 @@ def test_a_tma_gemv_that_cannot_build_falls_back_once(monkeypatch):
     h2 = dict(kernel="gemv_h2", block_n=8, tiles=2, split=1, num_warps=4, num_stages=1)  # as for large layers
     monkeypatch.setattr(triton_w4a16, "default_config", lambda m, n, k, dtype=None: dict(h2))
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(2)).half()
-    falls_back_once(monkeypatch, "_TMA", "gemv_tma", "tma_gemv_ok", random_qweight(64, 1024, 128, False), x,
-                    "TMA GEMV is unavailable")
+    falls_back_once(monkeypatch, "_TMA", "gemv_reg", "tma_gemv_ok", random_qweight(64, 1024, 128, False), x,
+                    "Gluon GEMV is unavailable")
