@@ -22,6 +22,7 @@ kernels/gluon_gemv.py), the main columns without PDL.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import math
 import time
@@ -131,6 +132,23 @@ def gemv_baseline(n: int, k: int):
     print(f"{n}x{k}: cuBLAS {t_cublas:.2f} us; default {t_h2:.2f} us ({t_cublas / t_h2:.2f}x) rel err {err_h2:.1e}",
           flush=True)
     return base, ws, x, exact, t_cublas
+
+
+def chain_baseline(n: int, k: int, x: torch.Tensor, ws: list) -> tuple[float, float]:
+    """The M = 1 probes' decode-step chain baseline: cuBLAS fp16 over random ``n x k`` weights (enough
+    copies to exceed L2) and the dispatch's default over ``ws``, each call's x the previous call's output.
+    Returns ``(t_cublas, t_default)`` in us per call."""
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
+    c16 = graph_time_us(chain([partial(F.linear, weight=w) for w in dense], x, k))
+    return c16, graph_time_us(chain([partial(w4a16_matmul, w=w) for w in ws], x, k))
+
+
+def load_module(path, name: str):
+    """The Python file ``path`` imported as a module called ``name`` (a copy or variant of a kernel module)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tinygemm_pack(qw: QuantizedWeight, device):

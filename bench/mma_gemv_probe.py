@@ -17,14 +17,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import chain, copies_for, gemv_baseline, graph_time_us  # noqa: E402
+from kernels import chain, chain_baseline, gemv_baseline, graph_time_us  # noqa: E402
 from klaq.kernels.gluon_gemv import gemv_tma  # noqa: E402
 from klaq.kernels.gluon_gemv_mma import gemv_mma  # noqa: E402
-from klaq.kernels.triton_w4a16 import w4a16_matmul  # noqa: E402
 
 
 def main():
@@ -38,9 +36,7 @@ def main():
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         base, ws, x, exact, t_cublas = gemv_baseline(n, k)
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
-        c16 = graph_time_us(chain([partial(F.linear, weight=w) for w in dense], x, k))
-        cdef = graph_time_us(chain([partial(w4a16_matmul, w=w) for w in ws], x, k))
+        c16, cdef = chain_baseline(n, k, x, ws)
         print(f"   chain: cuBLAS {c16:.2f} us, default {cdef:.2f} us ({c16 / cdef:.2f}x)", flush=True)
         if args.floor:
             t = graph_time_us([partial(gemv_tma, x, w, pdl=False, compute=False) for w in ws])

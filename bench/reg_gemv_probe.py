@@ -17,18 +17,16 @@ commit 781f1f7), and ``gemv_reg`` is now the dispatch's M = 1 kernel on Hopper.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import chain, copies_for, gemv_baseline, graph_time_us  # noqa: E402
+from kernels import chain, chain_baseline, gemv_baseline, graph_time_us, load_module  # noqa: E402
 from klaq.kernels import gluon_gemv  # noqa: E402
 from klaq.kernels.gluon_gemv import gemv_reg, gemv_tma  # noqa: E402
 from klaq.kernels.triton_w4a16 import w4a16_matmul  # noqa: E402
@@ -68,16 +66,13 @@ def variant(name: str):
     source = variant_source(name, Path(gluon_gemv.__file__).read_text())
     path = Path(tempfile.mkdtemp()) / f"gluon_gemv_{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"gluon_gemv_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path, f"gluon_gemv_{name}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,6144x4096,14336x4096")
-    ap.add_argument("--configs", default="4:1:4,4:4:1,4:2:2,8:2:2,8:4:1,4:1:2",
+    ap.add_argument("--configs", default="4:1:4,8:1:4,4:1:2,2:1:4",
                     help="BLOCK_N:WR:WQ launches of gemv_reg (comma list)")
     ap.add_argument("--floor", action="store_true", help="also the read floor of each launch and of gemv_tma")
     ap.add_argument("--variants", default="", help=f"timing-only copies at the default launch: {', '.join(VARIANTS)}")
@@ -87,9 +82,7 @@ def main():
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         base, ws, x, exact, t_cublas = gemv_baseline(n, k)
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
-        c16 = graph_time_us(chain([partial(F.linear, weight=w) for w in dense], x, k))
-        cdef = graph_time_us(chain([partial(w4a16_matmul, w=w) for w in ws], x, k))
+        c16, cdef = chain_baseline(n, k, x, ws)
         tdef = graph_time_us([partial(w4a16_matmul, x, w, pdl=False) for w in ws])
         print(f"   default: alone {tdef:.2f} us ({t_cublas / tdef:.2f}x), chain {cdef:.2f} us "
               f"({c16 / cdef:.2f}x; cuBLAS chain {c16:.2f})", flush=True)

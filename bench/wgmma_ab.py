@@ -9,7 +9,6 @@ copies to exceed L2 (bench/kernels.py's method), with its max relative error aga
 """
 
 import argparse
-import importlib.util
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,16 +17,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import LLAMA3_8B, copies_for, graph_time_us, random_qweight  # noqa: E402
+from kernels import LLAMA3_8B, copies_for, graph_time_us, load_module, random_qweight  # noqa: E402
 from klaq.kernels import gluon_w4a16  # noqa: E402
 from klaq.kernels.triton_w4a16 import dequantize, repack  # noqa: E402
 
 
 def load(path: str):
-    spec = importlib.util.spec_from_file_location("wgmma_" + Path(path).stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(path, "wgmma_" + Path(path).stem)
 
 
 def main():
