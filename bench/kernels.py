@@ -252,21 +252,44 @@ def fmt_row(r) -> str:
     return line
 
 
+OUT_OF_LINE = 1.25  # how far past proportional (or past a larger shape's) a cuBLAS time may read
+
+
+def cublas_out_of_line(rows, key: str = "t16") -> list[dict]:
+    """Rows (one M) whose cuBLAS time is out of line with the others': above ``OUT_OF_LINE`` times what a
+    smaller shape's time scaled by the weight's size gives, or above ``OUT_OF_LINE`` times a larger
+    shape's time. Why: one H100 run read 64.8 us for 6144x4096 at M = 256 where 25-26.5 is usual (4096x4096
+    20.3, 14336x4096 53.7 in that run), which made klaq's unchanged 29.6 us look like 2.19x and a target met."""
+    size = {id(r): r["n"] * r["k"] for r in rows}
+    return [r for r in rows if any(
+        r[key] > OUT_OF_LINE * o[key] * max(1.0, size[id(r)] / size[id(o)]) for o in rows if o is not r)]
+
+
+def _verdict(rows, ratios, want: float, key: str) -> str:
+    if not all(g >= want for g in ratios):
+        return "NOT met"
+    odd = cublas_out_of_line(rows, key)
+    if odd:
+        return "NOT confirmed: cuBLAS out of line with the other shapes at " + ", ".join(
+            f"{r['n']}x{r['k']} ({r[key]:.1f} us)" for r in odd)
+    return "met"
+
+
 def targets(rows) -> list[str]:
     big = [r for r in rows if (r["n"], r["k"]) in LLAMA3_8B[:3]]
     out = []
     for m, want, what in [(1, 3.0, ">= 3.0x"), (16, 1.5, ">= 1.5x"), (256, 0.9, "within 10% (>= 0.9x)")]:
-        got = [r["t16"] / r["t4"] for r in big if r["m"] == m]
+        at = [r for r in big if r["m"] == m]
+        got = [r["t16"] / r["t4"] for r in at]
         if got:
-            ok = all(g >= want for g in got)
-            out.append(f"- M = {m}, large shapes, {what}, each call alone: {'met' if ok else 'NOT met'} "
+            out.append(f"- M = {m}, large shapes, {what}, each call alone: {_verdict(at, got, want, 't16')} "
                        f"({', '.join(f'{g:.2f}x' for g in got)})")
-        chained = [r["t16c"] / r["t4c"] for r in big if r["m"] == m and "t4c" in r]
+        at = [r for r in at if "t4c" in r]
+        chained = [r["t16c"] / r["t4c"] for r in at]
         if chained:
-            ok = all(g >= want for g in chained)
-            pdl = "on" if all(r.get("pdl") for r in big if r["m"] == m and "t4c" in r) else "off"
+            pdl = "on" if all(r.get("pdl") for r in at) else "off"
             out.append(f"- M = {m}, large shapes, {what}, dependent chain (as in a decode step; PDL {pdl}): "
-                       f"{'met' if ok else 'NOT met'} ({', '.join(f'{g:.2f}x' for g in chained)})")
+                       f"{_verdict(at, chained, want, 't16c')} ({', '.join(f'{g:.2f}x' for g in chained)})")
     return out
 
 

@@ -61,3 +61,22 @@ def test_targets_say_how_the_chain_ran():
                         "NOT met (3.10x, 2.82x, 2.58x)")
     rows[1]["pdl"] = False
     assert "PDL off" in bench_kernels.targets(rows)[1]
+
+
+def test_a_cublas_time_out_of_line_with_the_other_shapes_does_not_count_as_met():
+    """The H100 run that read cuBLAS at 64.8 us for 6144x4096, M = 256 (bench/results/kernels_h100_s9.md):
+    klaq's unchanged times then read 2.19x there, which is no target met."""
+    llama = bench_kernels.LLAMA3_8B[:3]
+    rows = [dict(n=n, k=k, m=256, t16=t16, t4=t4)
+            for (n, k), t16, t4 in zip(llama, (20.3, 64.8, 53.7), (21.0, 29.6, 59.0), strict=True)]
+    assert [(r["n"], r["k"]) for r in bench_kernels.cublas_out_of_line(rows)] == [(6144, 4096)]
+    line = bench_kernels.targets(rows)[0]
+    assert line.startswith("- M = 256, large shapes, within 10% (>= 0.9x), each call alone: NOT confirmed: cuBLAS "
+                           "out of line with the other shapes at 6144x4096 (64.8 us)"), line
+    usual = [dict(r, t16=t) for r, t in zip(rows, (20.2, 26.5, 52.3), strict=True)]  # the next run's cuBLAS
+    assert bench_kernels.cublas_out_of_line(usual) == []
+    assert "NOT met (0.96x, 0.90x, 0.89x)" in bench_kernels.targets(usual)[0]
+    small_slow = [dict(r, t16=t) for r, t in zip(rows, (60.0, 26.5, 52.3), strict=True)]  # a smaller shape slower than larger
+    assert [r["n"] for r in bench_kernels.cublas_out_of_line(small_slow)] == [4096]
+    m1 = [dict(n=n, k=k, m=1, t16=t, t4=1.0) for (n, k), t in zip(llama, (16.7, 23.1, 44.8), strict=True)]
+    assert bench_kernels.cublas_out_of_line(m1) == []
