@@ -55,7 +55,8 @@ x or writes anything, so its launch overlaps the kernel before it. On an H100 th
 decode step 10% faster and a chain of large GEMVs alone no faster.
 
 Measured on an H100 (bench/kernel_sweep.py, bench/kernels.py): M = 1 about 2.3-2.9x cuBLAS fp16 on
-Llama-3-8B shapes (tinygemm 2.2-2.4x) and 1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
+Llama-3-8B shapes with these Triton GEMVs (tinygemm 2.2-2.4x), 2.9-3.5x with ``gemv_reg`` (K < 8192), and
+1.3-2.0x on SmolLM2's; M = 16 about 1.5-2.0x; M = 64
 0.8-1.2x (0.9-1.4x with ``wgmma``); M = 256 0.5-0.6x (0.87-0.95x with ``wgmma`` and the 128 x 256 kernel).
 """
 
