@@ -95,10 +95,10 @@ def main():
             bn, wr, wq = map(int, spec.split(":"))
             kw = dict(block_n=bn, wr=wr, wq=wq, pdl=False)  # alone: no PDL
             try:
-                y = gemv_reg(x, base, **kw).float()
-                err = float((y - exact).abs().max() / exact.abs().max())
-                same = torch.equal(gemv_reg(x, base, **{**kw, "pdl": True}), gemv_reg(x, base, **kw))
-                tma = torch.equal(gemv_reg(x, base, **kw), gemv_tma(x, base, pdl=False))
+                y = gemv_reg(x, base, **kw)
+                err = float((y.float() - exact).abs().max() / exact.abs().max())
+                same = torch.equal(gemv_reg(x, base, **{**kw, "pdl": True}), y)
+                tma = torch.equal(y, gemv_tma(x, base, pdl=False))
                 t = graph_time_us([partial(gemv_reg, x, w, **kw) for w in ws])
                 tc = graph_time_us(chain([partial(gemv_reg, w=w, **{**kw, "pdl": True}) for w in ws], x, k))
                 line = (f"   reg {spec}: alone {t:.2f} us ({t_cublas / t:.2f}x), chain {tc:.2f} us ({c16 / tc:.2f}x), "

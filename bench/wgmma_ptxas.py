@@ -48,6 +48,18 @@ def _compile_ptx(fn, sig: dict, consts: dict, divisible: list | None = None) -> 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
+def _variant(path: str | None, name: str):
+    """The kernel module copy at ``path`` (a variant), imported as ``name``; None without a path."""
+    if not path:
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _gluon_ptx(fn, block: list, consts: dict) -> str:
     """``fn``'s PTX for sm_90a: a kernel with the runtime arguments both Hopper GEMMs take (x's TMA
     descriptor of ``block`` = [tokens, codes], then pointers and ints) and constexprs ``consts``."""
@@ -65,14 +77,9 @@ def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages:
               extra: dict | None = None) -> str:
     """The kernel's PTX for sm_90a at one launch shape (64 weight rows per tile); ``module``: another
     copy of kernels/gluon_w4a16.py (a variant), ``extra``: constexprs only that copy's kernel takes."""
-    import importlib.util
-
     from klaq.kernels import gluon_w4a16
 
-    if module:
-        spec = importlib.util.spec_from_file_location("wgmma_variant", module)
-        gluon_w4a16 = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gluon_w4a16)
+    gluon_w4a16 = _variant(module, "wgmma_variant") or gluon_w4a16
     consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=block_m, SUB=sub, STAGES=stages,
                   OUT_VEC=4, OUT_TN=16, num_warps=4, **(extra or {}))
     return _gluon_ptx(gluon_w4a16._gemm_wgmma_kernel, [block_m, sub], consts)
@@ -125,30 +132,18 @@ def gemv_reg_ptx(block_n: int = 4, wr: int = 1, wq: int = 4, nch: int = 1, sub: 
     rows per program in ``wr`` x ``wq`` warps, rows of ``nch`` chunks of ``128 * wq`` words; ``module``:
     another copy of kernels/gluon_gemv.py (a variant). Integer and pointer arguments divisible by 16, as
     a launch on the Llama shapes specializes them."""
-    import importlib.util
-
     from klaq.kernels import gluon_gemv
 
-    if module:
-        spec = importlib.util.spec_from_file_location("gemv_variant", module)
-        gluon_gemv = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gluon_gemv)
+    gluon_gemv = _variant(module, "gemv_variant") or gluon_gemv
     sig = {"w_ptr": "*i32", "x_ptr": "*fp16", "s_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32",
            "group_size": "i32"}
     consts = dict(BLOCK_N=block_n, WR=wr, WQ=wq, NCH=nch, SUB=sub, PDL=pdl, num_warps=wr * wq, COMPUTE=True)
     return _compile_ptx(gluon_gemv._gemv_reg_kernel, sig, consts, divisible=list(sig))
 
 
-def load_order(ptx: str) -> dict:
-    """Where the global loads sit in the sm_90a SASS of ``ptx`` against the half2 arithmetic: their count,
+def load_order(sass: str) -> dict:
+    """Where the global loads sit in ``sass`` (nvdisasm's listing) against the half2 arithmetic: their count,
     how many come after the first HFMA2 / HMUL2 / HADD2 (``late``), and the instruction indices."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(src, "w") as f:
-            f.write(ptx)
-        subprocess.run([ptxas_path(), "-arch=sm_90a", src, "-o", cubin], check=True, capture_output=True, timeout=300)
-        nvdisasm = os.path.join(os.path.dirname(ptxas_path()), "nvdisasm")
-        sass = subprocess.run([nvdisasm, "-c", cubin], check=True, capture_output=True, text=True, timeout=300).stdout
     ops = [line.split("*/", 1)[1].strip() for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
     loads = [i for i, op in enumerate(ops) if re.search(r"\bLDG\.", op)]
     math = [i for i, op in enumerate(ops) if re.search(r"\bH(FMA2|MUL2|ADD2)\b(?!\.MMA)", op)]
@@ -165,24 +160,30 @@ def ptxas_path() -> str:
     return get_ptxas(90).path
 
 
-def ptxas_report(ptx: str) -> dict:
+def ptxas_report(ptx: str, sass: bool = False) -> dict:
     """``ptxas -v -arch=sm_90a`` on ``ptx``: registers, spill bytes and the info lines that carry a
-    diagnostic code (C7513 and the like), in order."""
+    diagnostic code (C7513 and the like), in order; ``sass``: also :func:`load_order` of the cubin's
+    disassembly (nvdisasm, beside ptxas)."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+        res = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", src, "-o", cubin],
                              capture_output=True, text=True, timeout=300)
-    if res.returncode:
-        raise RuntimeError(res.stderr[-2000:])
+        if res.returncode:
+            raise RuntimeError(res.stderr[-2000:])
+        order = {}
+        if sass:
+            nvdisasm = os.path.join(os.path.dirname(ptxas_path()), "nvdisasm")
+            order = load_order(subprocess.run([nvdisasm, "-c", cubin], check=True, capture_output=True, text=True,
+                                              timeout=300).stdout)
     log = res.stderr + res.stdout
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     notes = [re.sub(r"^.*?info\s*:\s*", "", line).strip() for line in log.splitlines() if re.search(r"\(C\d{4}\)", line)]
     return dict(registers=int(regs.group(1)) if regs else None,
                 spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
-                serialized=any("C7513" in n for n in notes), notes=notes)
+                serialized=any("C7513" in n for n in notes), notes=notes, **order)
 
 
 def main() -> int:
@@ -220,8 +221,8 @@ def main() -> int:
     if args.kernel == "gemv_reg":
         launch = args.launch or "4:1:4:1"
         bn, wr, wq, nch = map(int, launch.split(":"))
-        ptx = gemv_reg_ptx(bn, wr, wq, nch, args.sub, module=args.module)
-        rep = dict(kernel="gemv_reg", launch=launch, **ptxas_report(ptx), **load_order(ptx))
+        rep = dict(kernel="gemv_reg", launch=launch,
+                   **ptxas_report(gemv_reg_ptx(bn, wr, wq, nch, args.sub, module=args.module), sass=True))
         print(json.dumps(rep) if args.json else f"gemv_reg kernel, launch {launch}: {rep['registers']} registers, "
               f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes, {rep['loads']} global loads, "
               f"{rep['late']} after the first half2 arithmetic")

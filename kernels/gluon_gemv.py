@@ -302,6 +302,12 @@ def config_for(n: int, sms: int, pdl: bool = True) -> tuple[int, int, int, int]:
     return DEFAULT_CONFIG
 
 
+def _check_rows_per_thread(block_n: int, wr: int) -> None:
+    """Both kernels' layouts give each thread ``block_n / wr`` rows, which Gluon needs as a power of two."""
+    if block_n % wr or (block_n // wr) & (block_n // wr - 1):
+        raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
+
+
 def gemv_tma_ok(x: torch.Tensor, w: TritonW4) -> bool:
     """Whether ``gemv_tma`` takes ``x`` (one fp16 row on an sm_90 GPU) against ``w``: symmetric
     weights whose pairs of slices share a group."""
@@ -350,8 +356,7 @@ def gemv_tma(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int |
     chosen = block_n is None and wr is None and wq is None and rb is None
     cfg = config_for(n, _sm_count(x.device), use_pdl) if chosen and x.is_cuda else DEFAULT_CONFIG
     block_n, wr, wq, rb = block_n or cfg[0], wr or cfg[1], wq or cfg[2], rb or cfg[3]
-    if block_n % wr or (block_n // wr) & (block_n // wr - 1):
-        raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
+    _check_rows_per_thread(block_n, wr)
     x2 = x.reshape(1, w.in_features).contiguous()
     st = stages_for(kw, block_n, wq, stages, rb, max_smem)
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
@@ -377,11 +382,10 @@ def gemv_reg(x: torch.Tensor, w: TritonW4, block_n: int | None = None, wr: int |
     straight into registers: ``block_n`` rows per program (default :data:`REG_CONFIG`), each thread
     ``block_n / wr`` rows x one quad of every ``128 * wq``-word chunk of the row. The same arithmetic in
     the same order as :func:`gemv_tma` at one chunk per row, so the same bits there. ``compute=False``
-    (benchmarks only): the read floor, each row's output the XOR of its words."""
+    (benchmarks only): the read floor, each row's output the (wrapping int32) sum of its words."""
     n, kw = w.qweight.shape
     block_n, wr, wq = block_n or REG_CONFIG[0], wr or REG_CONFIG[1], wq or REG_CONFIG[2]
-    if block_n % wr or (block_n // wr) & (block_n // wr - 1):
-        raise ValueError(f"block_n / wr must be a power of two, got {block_n} / {wr}")
+    _check_rows_per_thread(block_n, wr)
     use_pdl = pdl_for(x.device, pdl)
     y = torch.empty((1, n), device=x.device, dtype=torch.float16)
     _gemv_reg_kernel[(triton.cdiv(n, block_n),)](w.qweight, x.reshape(1, w.in_features).contiguous(), w.scales, y,

@@ -113,7 +113,7 @@ def test_gemv_reg_large_activations_stay_finite():
 
 
 @hopper
-def test_gemv_reg_read_floor_is_the_xor_of_the_words():
+def test_gemv_reg_read_floor_is_the_sum_of_the_words():
     """compute=False (the benchmarks' read floor) reads every word once: each row's output is the sum
     of its words (small words here, so the sum is exact in fp16)."""
     w = repack(random_qweight(300, 1536, 128, False), "cuda")
