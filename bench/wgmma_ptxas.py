@@ -74,14 +74,15 @@ def _gluon_ptx(fn, block: list, consts: dict) -> str:
 
 
 def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages: int = 6, module: str | None = None,
-              extra: dict | None = None) -> str:
+              extra: dict | None = None, cluster: bool = False) -> str:
     """The kernel's PTX for sm_90a at one launch shape (64 weight rows per tile); ``module``: another
-    copy of kernels/gluon_w4a16.py (a variant), ``extra``: constexprs only that copy's kernel takes."""
+    copy of kernels/gluon_w4a16.py (a variant), ``extra``: constexprs only that copy's kernel takes;
+    ``cluster``: the build whose K-halves exchange through distributed shared memory."""
     from klaq.kernels import gluon_w4a16
 
     gluon_w4a16 = _variant(module, "wgmma_variant") or gluon_w4a16
     consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=block_m, SUB=sub, STAGES=stages,
-                  OUT_VEC=4, OUT_TN=16, num_warps=4, **(extra or {}))
+                  OUT_VEC=4, OUT_TN=16, num_warps=4, CLUSTER=cluster, **(extra or {}))
     return _gluon_ptx(gluon_w4a16._gemm_wgmma_kernel, [block_m, sub], consts)
 
 
@@ -152,6 +153,16 @@ def load_order(sass: str) -> dict:
                 last_load=loads[-1] if loads else -1)
 
 
+def mbarrier_offsets(ptx: str) -> list[int]:
+    """The dynamic shared-memory offsets (from ``global_smem``) of the mbarriers ``ptx`` initializes, where
+    they are constants: the cluster exchange writes the first ``XCH_BYTES`` of the x ring, so no live
+    buffer but the ring may lie there."""
+    bases = set(re.findall(r"mov\.b32\s+(%r\d+), global_smem;", ptx))
+    at = {dst: int(c) for dst, base, c in re.findall(r"add\.s32\s+(%r\d+), (%r\d+), (\d+);", ptx) if base in bases}
+    at.update({b: 0 for b in bases})
+    return sorted(at.get(r, -1) for r in re.findall(r"mbarrier\.init\.shared::cta\.b64 \[(%r\d+)\]", ptx))
+
+
 def ptxas_path() -> str:
     """The ptxas this Triton itself runs for sm_90 (Triton 3.9 takes its newer ``ptxas-blackwell`` for
     sm_90 too: the bundled plain ``ptxas`` cannot read the PTX version it writes)."""
@@ -202,6 +213,9 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=6)
     ap.add_argument("--whole-tiles", action="store_true",
                     help="tall: the build for whole tiles only (no stream-K exchange; its default launch)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="wgmma: the build whose K-halves exchange through distributed shared memory (also "
+                    "reporting the mbarriers' shared-memory offsets)")
     ap.add_argument("--module", help="compile this copy of kernels/gluon_w4a16.py instead (a variant)")
     ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
                     help="a constexpr only the variant's kernel takes (a Python literal), repeatable")
@@ -236,9 +250,11 @@ def main() -> int:
     if args.kernel == "tall":
         ptx = tall_ptx(args.sub, args.zero, args.stages, shared=not args.whole_tiles)
     else:
-        ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra)
+        ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra, cluster=args.cluster)
     rep = dict(kernel=args.kernel, whole_tiles=args.whole_tiles, block_m=args.block_m, sub=args.sub, zero=args.zero,
                stages=args.stages, **extra, **ptxas_report(ptx))
+    if args.cluster:
+        rep.update(cluster=True, mbarriers=mbarrier_offsets(ptx), dsmem_stores=len(re.findall(r"st\.shared::cluster", ptx)))
     if args.json:
         print(json.dumps(rep))
     else:

@@ -20,6 +20,8 @@ Gluon has no interpreter mode, so this kernel is tested on a Hopper GPU only
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -45,6 +47,19 @@ _DQ_ASYM = gl.constexpr(_TL_DQ_ASYM.value)
 # later versions async_load and barrier.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+# Thread-block clusters by inline PTX (Triton 3.6's Gluon has no cluster barrier and no remote shared
+# memory; a cluster launch is a launch attribute, see :func:`_cluster_launch`). ``global_smem`` is
+# Triton's name for the kernel's dynamic shared memory; its first XCH_BYTES are the x ring's first
+# stages (tests/bench/test_wgmma_ptxas.py checks that nothing else lies there), idle once a program's
+# loop is done. ``%cluster_ctarank ^ 1``: the other program of a 2-program cluster.
+XCH_BYTES = 64 * 128 * 4  # one 64 x 128 fp32 partial tile
+_CLUSTER_SYNC = gl.constexpr("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n\tmov.b32 $0, 0;")
+_CLUSTER_ARRIVE = gl.constexpr("barrier.cluster.arrive.release.aligned;\n\tmov.b32 $0, 0;")
+_XCH_SEND = gl.constexpr("{ .reg .b32 a, r, p;\n\tmov.b32 a, global_smem;\n\tmad.lo.u32 a, $1, 4, a;\n\t"
+             "mov.u32 r, %cluster_ctarank;\n\txor.b32 r, r, 1;\n\tmapa.shared::cluster.u32 p, a, r;\n\t"
+             "st.shared::cluster.f32 [p], $2;\n\tmov.b32 $0, 0; }")
+_XCH_RECV = gl.constexpr("{ .reg .b32 a;\n\tmov.b32 a, global_smem;\n\tmad.lo.u32 a, $1, 4, a;\n\tld.shared.f32 $0, [a]; }")
 
 
 @gluon.jit
@@ -184,11 +199,28 @@ def _slot_of(q, tile, units, programs, dp, n_tiles):
 
 
 @gluon.jit
+def _cluster_sync(pid, arrive_only: gl.constexpr = False):
+    """Every thread of the cluster's programs past this point (release / acquire); ``arrive_only``: this
+    thread's arrival only (it leaves without waiting: an exited thread counts as arrived)."""
+    gl.inline_asm_elementwise(_CLUSTER_ARRIVE if arrive_only else _CLUSTER_SYNC, "=r,r", [pid], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _xch_loc(acc_layout: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Each accumulator element's fp32 index in the exchange area: row-major, columns XOR-swizzled by the
+    row so that a warp's eight rows fall on different banks."""
+    r = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout)), 1)
+    c = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout)), 0)
+    return r * BLOCK_M + (c ^ ((r % 8) * 8))
+
+
+@gluon.jit
 def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
                        n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
                        BLOCK_N: gl.constexpr,
                        BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, OUT_VEC: gl.constexpr,
-                       OUT_TN: gl.constexpr, num_warps: gl.constexpr):
+                       OUT_TN: gl.constexpr, num_warps: gl.constexpr, CLUSTER: gl.constexpr = False):
     # Stream-K: the output tiles' K-tiles ("units") are cut into shares, one per program, so every
     # SM gets the same work whatever the tile count (a plain grid of 64 x 128 tiles ran 1.7 waves at
     # 14336 x 4096). The first ``dp`` programs take one whole tile each (data-parallel waves), the
@@ -285,6 +317,21 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         y_ptrs = y_ptr + m2 * stride_ym + n2
         if t_end - t_start == n_tiles:
             gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
+        elif CLUSTER:
+            # a tile in two K-halves, one per program of a 2-program cluster: once both loops are done
+            # (both x rings idle), the tail writes its partial sum into the head's ring through
+            # distributed shared memory and leaves; the head adds it (head + tail, the order of the
+            # global exchange below, so the same bits) and stores y
+            loc = _xch_loc(mma, BLOCK_N, BLOCK_M)
+            _cluster_sync(pid)
+            if t_start == 0:
+                _cluster_sync(pid)
+                acc += gl.inline_asm_elementwise(_XCH_RECV, "=f,r", [loc], dtype=gl.float32, is_pure=False, pack=1)
+                _cta_barrier()  # every read done before the epilogue's shared-memory scratch is written
+                gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
+            else:
+                gl.inline_asm_elementwise(_XCH_SEND, "=r,r,f", [loc, acc], dtype=gl.int32, is_pure=False, pack=1)
+                _cluster_sync(pid, arrive_only=True)
         else:
             # partial sums in the program's own slot (plain stores); the tile's last program adds the
             # other shares' slots in program order (deterministic) and stores y
@@ -396,13 +443,44 @@ def gemm_prefill(x: torch.Tensor, w: TritonW4) -> torch.Tensor:
     return gemm_wgmma(x, w)
 
 
+def _cluster_launch(kernel, programs: int, ctas: int, *args, **kwargs) -> None:
+    """Launch ``kernel`` (a Gluon kernel compiled for one CTA per program, so ``program_id`` counts CTAs)
+    over ``programs`` programs as clusters of ``ctas`` consecutive ones. Triton 3.6 launches clusters of
+    ``num_ctas`` CTAs (``cuLaunchKernelEx``'s cluster dimension) but compiles ``num_ctas > 1`` kernels
+    for CTA-split layouts this kernel does not use; so the launch is compiled at one CTA (``warmup``)
+    and its cached launch record told to launch ``ctas`` per cluster, ``programs / ctas`` clusters.
+    That record belongs to this specialization only (the ``CLUSTER`` constexpr keeps it apart)."""
+    compiled = kernel.warmup(*args, grid=(programs // ctas, ), **kwargs)
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    num_warps, _, shared = compiled.packed_metadata
+    compiled.packed_metadata = (num_warps, ctas, shared)
+    kernel[(programs // ctas, )](*args, **kwargs)
+
+
+def cluster_pairs(programs: int, dp: int, tiles: int, k_tiles: int) -> bool:
+    """Whether a launch's shares are K-halves of tiles, each pair of halves two consecutive programs
+    starting at an even one, so that 2-program clusters hold whole tiles or both halves of one."""
+    return dp % 2 == 0 and k_tiles >= 2 and programs - dp == 2 * (tiles - dp)
+
+
+def cluster_default(programs: int, dp: int, tiles: int, k_tiles: int) -> bool:
+    """Whether the default launch exchanges through clusters: every tile in K-halves (long K, tiles for at
+    most one per SM: :func:`default_programs`), unless ``KLAQ_CLUSTER=0`` (read at each call)."""
+    return (os.environ.get("KLAQ_CLUSTER", "1") != "0" and dp == 0 and programs == 2 * tiles and k_tiles >= 16)
+
+
 def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | None = None, stages: int = 6,
-               num_warps: int = 4, programs: int | None = None, dp: int | None = None) -> torch.Tensor:
+               num_warps: int = 4, programs: int | None = None, dp: int | None = None,
+               cluster: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16 ``x [M, K]`` on Hopper (K % 8 == 0 for TMA's 16-byte row stride).
 
     ``block_m``: tokens per tile (:func:`default_block_m`); ``programs``: the persistent grid and
     ``dp``: how many of its programs take one whole output tile each before the rest share what is
-    left (:func:`default_programs`).
+    left (:func:`default_programs`). ``cluster``: the shares are K-halves (:func:`cluster_pairs`) and
+    each pair runs as a 2-program cluster, its partial sum exchanged through distributed shared memory
+    instead of global memory (the same bits); default: :func:`cluster_default` for the default launch,
+    off for a given one.
     """
     if stages < 4:  # STAGES // 2 - 1 pairs of x slices in flight: none would leave the first wait hanging
         raise ValueError(f"stages must be at least 4, got {stages}")
@@ -415,20 +493,30 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
     blocks_m = triton.cdiv(m, block_m)
     tiles = triton.cdiv(n, block_n) * blocks_m
     units = tiles * w.n_tiles
+    launch_given = programs is not None
     if programs is None:
         programs, default_dp = default_programs(m, tiles, w.n_tiles, _sm_count(x.device))
         dp = default_dp if dp is None else dp
     programs, dp = grid(programs, dp or 0, tiles, w.n_tiles)
+    if cluster is None:
+        cluster = not launch_given and cluster_default(programs, dp, tiles, w.n_tiles)
+    if cluster and not cluster_pairs(programs, dp, tiles, w.n_tiles):
+        raise ValueError(f"cluster=True needs the shares as aligned K-halves: {programs} programs, dp {dp}, "
+                         f"{tiles} tiles of {w.n_tiles} K-tiles")
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)
     _, cnt = _workspace(x.device, 0, tiles)  # per-tile arrival counters, zero between calls
     ws = _slots(x.device, 2 * programs * block_m * block_n)
     offsets = w.offsets if w.offsets is not None else w.scales
     vec = 8 if block_n >= 256 else 4  # the epilogue's n-contiguous store layout
-    _gemm_wgmma_kernel[(programs, )](x_desc, w.qweight, w.scales, offsets, y, ws, cnt, m, n, w.qweight.shape[1],
-                                     y.stride(0), w.group_size, w.n_tiles, blocks_m, units, dp,
-                                     HAS_ZERO=w.offsets is not None, PAIR_GROUP=w.group_size % (2 * sub) == 0,
-                                     BLOCK_N=block_n, BLOCK_M=block_m, SUB=sub,
-                                     STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec),
-                                     num_warps=num_warps)
+    args = (x_desc, w.qweight, w.scales, offsets, y, ws, cnt, m, n, w.qweight.shape[1], y.stride(0), w.group_size,
+            w.n_tiles, blocks_m, units, dp)
+    consts = dict(HAS_ZERO=w.offsets is not None, PAIR_GROUP=w.group_size % (2 * sub) == 0, BLOCK_N=block_n,
+                  BLOCK_M=block_m, SUB=sub, STAGES=stages, OUT_VEC=vec, OUT_TN=min(32, block_n // vec),
+                  num_warps=num_warps)
+    if cluster:
+        assert stages * block_m * sub * 2 >= block_n * block_m * 4, "the exchange area lies in the x ring"
+        _cluster_launch(_gemm_wgmma_kernel, programs, 2, *args, CLUSTER=True, **consts)
+    else:
+        _gemm_wgmma_kernel[(programs, )](*args, **consts)
     return y.reshape(*x.shape[:-1], n)
 

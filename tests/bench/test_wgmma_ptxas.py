@@ -36,6 +36,18 @@ def test_the_kernel_keeps_its_mmas_asynchronous_and_does_not_spill(args, spill):
     assert 0 < rep["registers"] <= 255
 
 
+@pytest.mark.parametrize("args,xch", [((), 64 * 128 * 4), (("--zero",), 64 * 128 * 4),
+                                      (("--block-m", "64", "--sub", "32"), 64 * 64 * 4)])
+def test_the_cluster_build_keeps_its_exchange_area_clear_of_the_mbarriers(args, xch):
+    """The K-halves' exchange writes the first ``64 x tokens`` fp32 of the tail's partner's dynamic shared
+    memory once both loops are done: only the x ring may lie there, never the live mbarriers. Each thread
+    sends its 64 (32) accumulator values; the build stays asynchronous and unspilled."""
+    rep = report("--cluster", *args)
+    assert rep["mbarriers"] and min(rep["mbarriers"]) >= xch, rep
+    assert rep["dsmem_stores"] == xch // 4 // 128, rep
+    assert not rep["serialized"] and rep["spill_stores"] == 0 and 0 < rep["registers"] <= 255, rep
+
+
 def test_a_pair_kept_in_flight_across_the_wait_is_reported_serialized(tmp_path):
     source = (ROOT / "kernels" / "gluon_w4a16.py").read_text()
     assert source.count(WAIT) == 1

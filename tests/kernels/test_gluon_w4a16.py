@@ -77,6 +77,63 @@ def test_wgmma_whole_tiles_then_shares(n, k, m, programs, dp):
     assert not _WORKSPACES[x.device][1].any()
 
 
+@hopper
+@pytest.mark.parametrize("n,k,m,programs,dp", [(6144, 4096, 256, 252, 132), (4096, 14336, 256, 256, 0),
+                                               (1000, 4096 + 64, 200, 64, 0), (1000, 576, 256, 56, 8),
+                                               (300, 1536, 64, 8, 2)])
+@pytest.mark.parametrize("asym", [False, True])
+def test_wgmma_k_halves_in_clusters(n, k, m, programs, dp, asym):
+    """Whole tiles and K-halves, each pair of halves a 2-program cluster exchanging its partial sum
+    through distributed shared memory: the reference's result, and the same bits as the global exchange
+    (head + tail in both), twice; the launch's counters untouched."""
+    from klaq.kernels.gluon_w4a16 import gemm_wgmma
+    from klaq.kernels.triton_w4a16 import _WORKSPACES
+
+    w, x, y = check(n, k, 128, asym, m, seed=n + programs, programs=programs, dp=dp, cluster=True)
+    assert torch.equal(y, gemm_wgmma(x, w, programs=programs, dp=dp))
+    assert torch.equal(y, gemm_wgmma(x, w, programs=programs, dp=dp, cluster=True))
+    assert not _WORKSPACES[x.device][1].any()
+
+
+@hopper
+@pytest.mark.parametrize("m", [128, 256])
+def test_wgmma_default_launch_takes_clusters_for_long_k_halves(m, monkeypatch):
+    """4096 x 14336 (28 K-tiles, 64 or 128 tiles): the default launch is all K-halves and exchanges them
+    through clusters; ``KLAQ_CLUSTER=0`` gives the global exchange, the same bits."""
+    from klaq.kernels.gluon_w4a16 import gemm_wgmma
+
+    w, x, y = check(4096, 14336, 128, False, m, seed=m)
+    monkeypatch.setenv("KLAQ_CLUSTER", "0")
+    assert torch.equal(y, gemm_wgmma(x, w))
+
+
+def test_cluster_default_rule(monkeypatch):
+    """Clusters by default only where every tile is in K-halves and K is long (16+ K-tiles)."""
+    from klaq.kernels.gluon_w4a16 import cluster_default, default_programs
+
+    assert cluster_default(*default_programs(256, 128, 28, 132), 128, 28)  # 4096 x 14336, M = 256
+    assert cluster_default(*default_programs(128, 64, 28, 132), 64, 28)  # M = 128
+    assert not cluster_default(*default_programs(256, 128, 8, 132), 128, 8)  # 4096 x 4096: whole tiles
+    assert not cluster_default(*default_programs(256, 192, 8, 132), 192, 8)  # 6144 x 4096: whole + halves
+    monkeypatch.setenv("KLAQ_CLUSTER", "0")
+    assert not cluster_default(*default_programs(256, 128, 28, 132), 128, 28)
+
+
+def test_cluster_pairs_rule():
+    """2-program clusters need whole tiles in pairs, then every other tile in two K-halves."""
+    from klaq.kernels.gluon_w4a16 import cluster_pairs
+
+    assert cluster_pairs(252, 132, 192, 8) and cluster_pairs(256, 0, 128, 28)
+    assert not cluster_pairs(253, 133, 192, 8)  # a whole-tile program would pair with a half
+    assert not cluster_pairs(264, 132, 192, 8)  # shares of other lengths than a half
+    assert not cluster_pairs(2, 0, 1, 1)  # one K-tile: no halves
+    # the cases of test_wgmma_k_halves_in_clusters (tiles of 64 rows x 128 tokens, 64 at M = 64; 8, 28,
+    # 9, 3, 3 K-tiles of 512 / 512 / 512 / 256 / 512 codes)
+    for programs, dp, tiles, k_tiles in [(252, 132, 96 * 2, 8), (256, 0, 64 * 2, 28), (64, 0, 16 * 2, 9),
+                                         (56, 8, 16 * 2, 3), (8, 2, 5, 3)]:
+        assert cluster_pairs(programs, dp, tiles, k_tiles)
+
+
 def test_tokens_per_tile():
     """The asked or default token count, cut to the power of two (at least 64) holding all tokens."""
     gluon_w4a16 = pytest.importorskip("klaq.kernels.gluon_w4a16")
