@@ -385,8 +385,8 @@ def default_programs(m: int, tiles: int, k_tiles: int, sms: int) -> tuple[int, i
     half the SMs idle or ran 1.7 waves): 1.14-1.46x cuBLAS at M = 64 on the three larger shapes,
     against 0.84-1.19x for ``gemm_swap``. From 128 tokens, one program per tile (stream-K's partial
     tiles cost more than the waves it evens out: 0.67-0.72x against 0.81-0.94x), two K-halves per
-    tile when K is long and the tiles do not fill the SMs (4096 x 14336: 1.00x against 0.83x; these halves
-    run as 2-program clusters, :func:`cluster_default`).
+    tile when K is long and the tiles do not fill the SMs (4096 x 14336: 1.00x against 0.83x; at 128-token
+    tiles these halves run as 2-program clusters, :func:`cluster_default`).
     Where the tiles outrun two waves of two programs per SM, the whole SM-waves run one tile per
     program and the tiles left over are shared by one more program per SM (14336 x 4096, M = 256:
     448 tiles, 396 whole and 52 shared by 132 programs: 65.4 us against 68.0 one per tile, and
@@ -465,13 +465,15 @@ def cluster_pairs(programs: int, dp: int, tiles: int, k_tiles: int) -> bool:
     return dp % 2 == 0 and k_tiles >= 2 and programs - dp == 2 * (tiles - dp)
 
 
-def cluster_default(programs: int, dp: int, tiles: int, k_tiles: int) -> bool:
+def cluster_default(programs: int, dp: int, tiles: int, k_tiles: int, block_m: int) -> bool:
     """Whether the default launch exchanges through clusters: every tile in K-halves (long K, tiles for at
-    most one per SM: :func:`default_programs`), unless ``KLAQ_CLUSTER=0`` (read at each call). H100, one run
-    (bench/results/wgmma_cluster_probe_h100.txt): 4096 x 14336 at M = 256 65.3 / 66.2 us against 67.4 / 67.4
-    through global memory. Not where whole tiles and halves mix (6144 x 4096: 28.9 against 29.1, the halves
-    end first) nor for short K (4096 x 4096 all in halves: 26.4 against 24.7)."""
-    return (os.environ.get("KLAQ_CLUSTER", "1") != "0" and dp == 0 and programs == 2 * tiles and k_tiles >= 16)
+    most one per SM: :func:`default_programs`) of 128 tokens, unless ``KLAQ_CLUSTER=0`` (read at each call).
+    H100, one run (bench/results/wgmma_cluster_probe_h100.txt): 4096 x 14336 at M = 256 65.3 / 66.2 us
+    against 67.4 / 67.4 through global memory. Not where whole tiles and halves mix (6144 x 4096: 28.9
+    against 29.1, the halves end first), nor for short K (4096 x 4096 all in halves: 26.4 against 24.7), nor
+    for 64-token tiles (M <= 128 on 4096 rows: not measured)."""
+    return (os.environ.get("KLAQ_CLUSTER", "1") != "0" and dp == 0 and programs == 2 * tiles and k_tiles >= 16
+            and block_m == 128)
 
 
 def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | None = None, stages: int = 6,
@@ -503,7 +505,7 @@ def gemm_wgmma(x: torch.Tensor, w: TritonW4, block_n: int = 64, block_m: int | N
         dp = default_dp if dp is None else dp
     programs, dp = grid(programs, dp or 0, tiles, w.n_tiles)
     if cluster is None:
-        cluster = not launch_given and cluster_default(programs, dp, tiles, w.n_tiles)
+        cluster = not launch_given and cluster_default(programs, dp, tiles, w.n_tiles, block_m)
     if cluster and not cluster_pairs(programs, dp, tiles, w.n_tiles):
         raise ValueError(f"cluster=True needs the shares as aligned K-halves: {programs} programs, dp {dp}, "
                          f"{tiles} tiles of {w.n_tiles} K-tiles")

@@ -96,10 +96,10 @@ def test_wgmma_k_halves_in_clusters(n, k, m, programs, dp, asym):
 
 
 @hopper
-@pytest.mark.parametrize("m", [128, 256])
+@pytest.mark.parametrize("m", [200, 256])
 def test_wgmma_default_launch_takes_clusters_for_long_k_halves(m, monkeypatch):
-    """4096 x 14336 (28 K-tiles, 64 or 128 tiles): the default launch is all K-halves and exchanges them
-    through clusters; ``KLAQ_CLUSTER=0`` gives the global exchange, the same bits."""
+    """4096 x 14336 (28 K-tiles, 128 tiles of 128 tokens): the default launch is all K-halves and exchanges
+    them through clusters; ``KLAQ_CLUSTER=0`` gives the global exchange, the same bits."""
     from klaq.kernels.gluon_w4a16 import gemm_wgmma
 
     w, x, y = check(4096, 14336, 128, False, m, seed=m)
@@ -111,12 +111,12 @@ def test_cluster_default_rule(monkeypatch):
     """Clusters by default only where every tile is in K-halves and K is long (16+ K-tiles)."""
     from klaq.kernels.gluon_w4a16 import cluster_default, default_programs
 
-    assert cluster_default(*default_programs(256, 128, 28, 132), 128, 28)  # 4096 x 14336, M = 256
-    assert cluster_default(*default_programs(128, 64, 28, 132), 64, 28)  # M = 128
-    assert not cluster_default(*default_programs(256, 128, 8, 132), 128, 8)  # 4096 x 4096: whole tiles
-    assert not cluster_default(*default_programs(256, 192, 8, 132), 192, 8)  # 6144 x 4096: whole + halves
+    assert cluster_default(*default_programs(256, 128, 28, 132), 128, 28, 128)  # 4096 x 14336, M = 256
+    assert not cluster_default(*default_programs(128, 128, 28, 132), 128, 28, 64)  # M = 128: 64-token tiles
+    assert not cluster_default(*default_programs(256, 128, 8, 132), 128, 8, 128)  # 4096 x 4096: whole tiles
+    assert not cluster_default(*default_programs(256, 192, 8, 132), 192, 8, 128)  # 6144 x 4096: whole + halves
     monkeypatch.setenv("KLAQ_CLUSTER", "0")
-    assert not cluster_default(*default_programs(256, 128, 28, 132), 128, 28)
+    assert not cluster_default(*default_programs(256, 128, 28, 132), 128, 28, 128)
 
 
 def test_cluster_pairs_rule():
