@@ -100,38 +100,29 @@ def traced_source(case: str, source: str) -> str:
     return source + _HELPERS
 
 
-def traced_module(case: str):
-    source = traced_source(case, Path(MODULES[case].__file__).read_text())
+def traced_path(case: str) -> Path:
+    """The traced copy of ``case``'s module, written to a fresh temporary file."""
     path = Path(tempfile.mkdtemp()) / f"traced_{case}.py"
-    path.write_text(source)
-    return load_module(path, f"traced_{case}")
+    path.write_text(traced_source(case, Path(MODULES[case].__file__).read_text()))
+    return path
 
 
-def ptxas_registers(case: str, module=None) -> int:
-    """Registers per thread of ``case``'s kernel (the traced copy's with ``module``) for sm_90a at the default
+def traced_module(case: str):
+    return load_module(traced_path(case), f"traced_{case}")
+
+
+def ptxas_registers(case: str, traced: bool = False) -> int:
+    """Registers per thread of ``case``'s kernel (its traced copy's with ``traced``) for sm_90a at the default
     launch, so that a trace runs at the occupancy it measures (the copy must not take more)."""
-    from triton.experimental.gluon import language as gl
-    from wgmma_ptxas import _compile_ptx, ptxas_report
+    from wgmma_ptxas import gemv_reg_ptx, ptxas_report, wgmma_ptx
 
-    mod = module or MODULES[case]
-    trace = {"tr_ptr": "*i64"} if module is not None else {}
+    module, args = (str(traced_path(case)), {"tr_ptr": "*i64"}) if traced else (None, None)
     if case == "gemv":
-        sig = {"w_ptr": "*i32", "x_ptr": "*fp16", "s_ptr": "*fp16", "y_ptr": "*fp16", **trace, "N": "i32", "K": "i32",
-               "Kw": "i32", "group_size": "i32"}
         bn, wr, wq = gluon_gemv.REG_CONFIG
-        consts = dict(BLOCK_N=bn, WR=wr, WQ=wq, NCH=1, SUB=64, PDL=False, num_warps=wr * wq, COMPUTE=True)
-        fn = mod._gemv_reg_kernel
-        divisible = list(sig)  # as a launch on the Llama shapes specializes them (wgmma_ptxas.gemv_reg_ptx)
+        ptx = gemv_reg_ptx(bn, wr, wq, module=module, args=args)
     else:
-        layout = gl.NVMMASharedLayout.get_default_for([128, 64], gl.float16)
-        sig = {"x_desc": f"tensordesc<fp16[128, 64],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16",
-               "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **trace, "M": "i32", "N": "i32", "Kw": "i32",
-               "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32", "units": "i32", "dp": "i32"}
-        consts = dict(HAS_ZERO=False, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=128, SUB=64, STAGES=6, OUT_VEC=4, OUT_TN=16,
-                      num_warps=4, CLUSTER=False)
-        fn = mod._gemm_wgmma_kernel
-        divisible = None
-    return ptxas_report(_compile_ptx(fn, sig, consts, divisible))["registers"]
+        ptx = wgmma_ptx(module=module, args=args)
+    return ptxas_report(ptx)["registers"]
 
 
 def summarize(tr: np.ndarray, roles: np.ndarray | None = None) -> list[str]:
@@ -221,7 +212,7 @@ def main() -> None:
     ap.add_argument("--dp", type=int, default=None)
     args = ap.parse_args()
     if args.ptxas:
-        print(json.dumps({c: {"kernel": ptxas_registers(c), "traced": ptxas_registers(c, traced_module(c))}
+        print(json.dumps({c: {"kernel": ptxas_registers(c), "traced": ptxas_registers(c, traced=True)}
                           for c in sorted(TRACE_EDITS)}))
         return
     if not args.case or not args.shapes:

@@ -41,7 +41,7 @@ def _compile_ptx(fn, sig: dict, consts: dict, divisible: list | None = None) -> 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sig = {**sig, **{c: "constexpr" for c in consts}}
+    sig = {a: "constexpr" if a in consts else sig[a] for a in fn.arg_names}  # in the kernel's argument order
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible or []}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()}, attrs)
     options = dict(num_warps=consts["num_warps"])
@@ -60,30 +60,32 @@ def _variant(path: str | None, name: str):
     return module
 
 
-def _gluon_ptx(fn, block: list, consts: dict) -> str:
+def _gluon_ptx(fn, block: list, consts: dict, args: dict | None = None) -> str:
     """``fn``'s PTX for sm_90a: a kernel with the runtime arguments both Hopper GEMMs take (x's TMA
-    descriptor of ``block`` = [tokens, codes], then pointers and ints) and constexprs ``consts``."""
+    descriptor of ``block`` = [tokens, codes], then pointers and ints), ``args`` (name: type) that only a
+    copy's kernel takes, and constexprs ``consts``."""
     from triton.experimental.gluon import language as gl
 
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
     sig = {"x_desc": f"tensordesc<fp16[{block[0]}, {block[1]}],{layout!r}>", "w_ptr": "*i32", "s_ptr": "*fp16",
            "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
            "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32", "blocks_m": "i32",
-           "units": "i32", "dp": "i32"}
+           "units": "i32", "dp": "i32", **(args or {})}
     return _compile_ptx(fn, sig, consts)
 
 
 def wgmma_ptx(block_m: int = 128, sub: int = 64, has_zero: bool = False, stages: int = 6, module: str | None = None,
-              extra: dict | None = None, cluster: bool = False) -> str:
+              extra: dict | None = None, cluster: bool = False, args: dict | None = None) -> str:
     """The kernel's PTX for sm_90a at one launch shape (64 weight rows per tile); ``module``: another
-    copy of kernels/gluon_w4a16.py (a variant), ``extra``: constexprs only that copy's kernel takes;
-    ``cluster``: the build whose K-halves exchange through distributed shared memory."""
+    copy of kernels/gluon_w4a16.py (a variant), ``extra`` / ``args``: constexprs / runtime arguments (name:
+    type) only that copy's kernel takes; ``cluster``: the build whose K-halves exchange through distributed
+    shared memory."""
     from klaq.kernels import gluon_w4a16
 
     gluon_w4a16 = _variant(module, "wgmma_variant") or gluon_w4a16
     consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, BLOCK_N=64, BLOCK_M=block_m, SUB=sub, STAGES=stages,
                   OUT_VEC=4, OUT_TN=16, num_warps=4, CLUSTER=cluster, **(extra or {}))
-    return _gluon_ptx(gluon_w4a16._gemm_wgmma_kernel, [block_m, sub], consts)
+    return _gluon_ptx(gluon_w4a16._gemm_wgmma_kernel, [block_m, sub], consts, args)
 
 
 def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool = True, shared: bool = True) -> str:
@@ -128,16 +130,17 @@ def gemv_mma_ptx(warps: int = 8, tiles: int = 8) -> str:
 
 
 def gemv_reg_ptx(block_n: int = 4, wr: int = 1, wq: int = 4, nch: int = 1, sub: int = 64, pdl: bool = False,
-                 module: str | None = None) -> str:
+                 module: str | None = None, args: dict | None = None) -> str:
     """The PTX of kernels/gluon_gemv.py's register-load M = 1 kernel (``gemv_reg``) for sm_90a: ``block_n``
     rows per program in ``wr`` x ``wq`` warps, rows of ``nch`` chunks of ``128 * wq`` words; ``module``:
-    another copy of kernels/gluon_gemv.py (a variant). Integer and pointer arguments divisible by 16, as
-    a launch on the Llama shapes specializes them."""
+    another copy of kernels/gluon_gemv.py (a variant), ``args``: runtime arguments (name: type) only that
+    copy's kernel takes. Integer and pointer arguments divisible by 16, as a launch on the Llama shapes
+    specializes them."""
     from klaq.kernels import gluon_gemv
 
     gluon_gemv = _variant(module, "gemv_variant") or gluon_gemv
     sig = {"w_ptr": "*i32", "x_ptr": "*fp16", "s_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "K": "i32", "Kw": "i32",
-           "group_size": "i32"}
+           "group_size": "i32", **(args or {})}
     consts = dict(BLOCK_N=block_n, WR=wr, WQ=wq, NCH=nch, SUB=sub, PDL=pdl, num_warps=wr * wq, COMPUTE=True)
     return _compile_ptx(gluon_gemv._gemv_reg_kernel, sig, consts, divisible=list(sig))
 
@@ -155,8 +158,8 @@ def load_order(sass: str) -> dict:
 
 def mbarrier_offsets(ptx: str) -> list[int]:
     """The dynamic shared-memory offsets (from ``global_smem``) of the mbarriers ``ptx`` initializes, where
-    they are constants: the cluster exchange writes the first ``XCH_BYTES`` of the x ring, so no live
-    buffer but the ring may lie there."""
+    they are constants: the cluster exchange writes one fp32 partial tile at the start of the x ring, so no
+    live buffer but the ring may lie there."""
     bases = set(re.findall(r"mov\.b32\s+(%r\d+), global_smem;", ptx))
     at = {dst: int(c) for dst, base, c in re.findall(r"add\.s32\s+(%r\d+), (%r\d+), (\d+);", ptx) if base in bases}
     at.update({b: 0 for b in bases})

@@ -50,10 +50,10 @@ _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrie
 
 # Thread-block clusters by inline PTX (Triton 3.6's Gluon has no cluster barrier and no remote shared
 # memory; a cluster launch is a launch attribute, see :func:`_cluster_launch`). ``global_smem`` is
-# Triton's name for the kernel's dynamic shared memory; its first XCH_BYTES are the x ring's first
-# stages (tests/bench/test_wgmma_ptxas.py checks that nothing else lies there), idle once a program's
-# loop is done. ``%cluster_ctarank ^ 1``: the other program of a 2-program cluster.
-XCH_BYTES = 64 * 128 * 4  # one 64 x 128 fp32 partial tile
+# Triton's name for the kernel's dynamic shared memory; the exchange area at its start (one fp32 partial
+# tile, 64 x tokens) lies in the x ring's first stages (tests/bench/test_wgmma_ptxas.py checks that the
+# mbarriers lie past it), idle once a program's loop is done. ``%cluster_ctarank ^ 1``: the other program
+# of a 2-program cluster.
 _CLUSTER_SYNC = gl.constexpr("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n\tmov.b32 $0, 0;")
 _CLUSTER_ARRIVE = gl.constexpr("barrier.cluster.arrive.release.aligned;\n\tmov.b32 $0, 0;")
 _XCH_SEND = gl.constexpr("{ .reg .b32 a, r, p;\n\tmov.b32 a, global_smem;\n\tmad.lo.u32 a, $1, 4, a;\n\t"
