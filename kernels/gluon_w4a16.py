@@ -216,6 +216,13 @@ def _xch_loc(acc_layout: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.conste
 
 
 @gluon.jit
+def _store_t(y_ptrs, acc, mask, out_l: gl.constexpr):
+    """The fp32 tile ``acc [n, m]`` as fp16 through ``y_ptrs [m, n]`` (``out_l``): y is n-contiguous, so the
+    tile is transposed and stored n-contiguous (coalesced)."""
+    gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
+
+
+@gluon.jit
 def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
                        n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
                        BLOCK_N: gl.constexpr,
@@ -308,7 +315,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
             p2s, p2o = _packed(ns2a, ns2b, no2a, no2b, HAS_ZERO)
             p3s, p3o = _packed(ns3a, ns3b, no3a, no3b, HAS_ZERO)
 
-        # y [M, N] is n-contiguous: transpose the tile and store it n-contiguous (coalesced)
+        # y [M, N]'s pointers and mask for the tile (:func:`_store_t`)
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
         m2 = gl.expand_dims(offs_m, 1)
@@ -316,7 +323,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         mask = (n2 < N) & (m2 < M)
         y_ptrs = y_ptr + m2 * stride_ym + n2
         if t_end - t_start == n_tiles:
-            gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
+            _store_t(y_ptrs, acc, mask, out_l)
         elif CLUSTER:
             # a tile in two K-halves, one per program of a 2-program cluster: once both loops are done
             # (both x rings idle), the tail writes its partial sum into the head's ring through
@@ -328,7 +335,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                 _cluster_sync(pid)
                 acc += gl.inline_asm_elementwise(_XCH_RECV, "=f,r", [loc], dtype=gl.float32, is_pure=False, pack=1)
                 _cta_barrier()  # every read done before the epilogue's shared-memory scratch is written
-                gl.store(y_ptrs, gl.convert_layout(gl.permute(acc.to(gl.float16), (1, 0)), out_l), mask=mask)
+                _store_t(y_ptrs, acc, mask, out_l)
             else:
                 gl.inline_asm_elementwise(_XCH_SEND, "=r,r,f", [loc, acc], dtype=gl.int32, is_pure=False, pack=1)
                 _cluster_sync(pid, arrive_only=True)
@@ -353,7 +360,7 @@ def _gemm_wgmma_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                     else:
                         total += gl.load(ws_ptr + _slot_of(q, tile, units, programs, dp, n_tiles) * (BLOCK_M * BLOCK_N)
                                          + loc, cache_modifier=".cg")
-                gl.store(y_ptrs, gl.convert_layout(gl.permute(total.to(gl.float16), (1, 0)), out_l), mask=mask)
+                _store_t(y_ptrs, total, mask, out_l)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
             _cta_barrier()
     for b in gl.static_range(STAGES):
