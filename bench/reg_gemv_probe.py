@@ -37,6 +37,16 @@ from klaq.kernels.triton_w4a16 import w4a16_matmul  # noqa: E402
 # Literals only (tests/bench/test_reg_gemv_probe.py reads the table without importing this script).
 VARIANTS = {
     "cg": [('eviction_policy="evict_first")', 'cache_modifier=".cg")')],
+    # ``l2pf``: the words' load as inline PTX with the 256-byte L2 prefetch-size hint (``.L2::256B``, which
+    # Triton's loads do not take): does asking L2 for two lines per miss get the DRAM stream going sooner?
+    "l2pf": [("""words = gl.load(w_ptr + r3 * Kw + q3 * 4 + c3, mask=(r3 < N) & (q3 < Kw // 4), other=0,
+                    eviction_policy="evict_first")""",
+              """wa = (w_ptr + r3 * Kw + q3 * 4 + c3).to(gl.int64, bitcast=True)
+    wm = ((r3 < N) & (q3 < Kw // 4)).to(gl.int32) + gl.zeros([BLOCK_N, QT, 4], gl.int32, layout=L3)
+    words = gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $8, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; "
+        "@p ld.global.L1::evict_first.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4]; }",
+        "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [wa, wm], dtype=gl.int32, is_pure=False, pack=4)""")],
     "nox": [("x0 = _x(x_ptr, 0, quad_x, col, 0, zero, K, QT, SUB)", "x0 = zero"),
             ("x1 = _x(x_ptr, 0, quad_x, col, 1, zero, K, QT, SUB)", "x1 = zero"),
             ("x2 = _x(x_ptr, 0, quad_x, col, 2, zero, K, QT, SUB)", "x2 = zero"),

@@ -26,10 +26,10 @@ def probe_namespace() -> dict:
     return namespace
 
 
-@pytest.mark.parametrize("name", ["cg", "nox", "nos"])
+@pytest.mark.parametrize("name", ["cg", "l2pf", "nox", "nos"])
 def test_each_variant_applies_and_builds(name, tmp_path):
     ns = probe_namespace()
-    assert set(ns["VARIANTS"]) == {"cg", "nox", "nos"}
+    assert set(ns["VARIANTS"]) == {"cg", "l2pf", "nox", "nos"}
     source = (ROOT / "kernels" / "gluon_gemv.py").read_text()
     edited = ns["variant_source"](name, source)
     assert edited != source
@@ -40,7 +40,7 @@ def test_each_variant_applies_and_builds(name, tmp_path):
                           "--module", str(path)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(res.stdout.strip().splitlines()[-1])
-    assert rep["loads"] == {"cg": 16, "nox": 8, "nos": 12}[name], rep
+    assert rep["loads"] == {"cg": 16, "l2pf": 16, "nox": 8, "nos": 12}[name], rep
 
 
 def test_a_variant_whose_text_is_gone_is_an_error():
