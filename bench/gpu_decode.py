@@ -249,6 +249,8 @@ def markdown(res: dict) -> str:
     if res.get("klaq_triton_ab"):
         ab = res["klaq_triton_ab"]
         same = "same" if ab["tokens_equal"] else "different"
+        if not ab["tokens_equal"] and ab.get("first_diff") is not None:
+            same += f" (from token {ab['first_diff']} of {res['new_tokens']}; each run prefills its own cache)"
         how = "on (`KLAQ_PDL=1`)" if ab["pdl"] else "off (`KLAQ_PDL=0`)"
         lines.append(row(f"the same with programmatic dependent launch {how}; {same} greedy tokens", ab))
     if t:
@@ -294,6 +296,16 @@ def update_markdown(path: str, section: str) -> None:
     text = pat.sub(keep_earlier, text) if pat.search(text) else text.rstrip() + "\n\n" + section
     with open(path, "w") as f:
         f.write(text)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The index of the first token where ``a`` and ``b`` differ (the shorter's length if one is the
+    other's prefix), None where they are equal. Why: two runs that prefill their own cache may part late,
+    at a near-tie, which is not what a race inside a step looks like (bench/pdl_decode_check.py tells
+    the two apart from one prefilled cache)."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def main() -> int:
@@ -356,6 +368,7 @@ def main() -> int:
         try:
             k1 = bench_klaq(pf, "triton", prompt, args.new_tokens, bandwidth, *best)
             k1["tokens_equal"] = k1["tokens"] == tokens
+            k1["first_diff"] = first_difference(k1["tokens"], tokens)
             k1["pdl"] = pdl_enabled("cuda")
         finally:
             if before is None:

@@ -51,3 +51,16 @@ def test_update_markdown_keeps_the_earlier_runs(tmp_path, res):
     text = doc.read_text()
     assert "old table" not in text and text.count("### Earlier runs\n\n- run 1\n\n## Later\n\nkeep") == 1
     assert text.index("| **1348** |") < text.index("### Earlier runs") and text.count("## GPU decode") == 1
+
+
+def test_first_difference():
+    assert gpu_decode.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert gpu_decode.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert gpu_decode.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_the_ab_row_says_where_the_tokens_part(res):
+    res["klaq_triton_ab"]["first_diff"] = 117
+    md = gpu_decode.markdown(res)
+    assert (f"different (from token 117 of {res['new_tokens']}; each run prefills its own cache) greedy tokens"
+            in md)
