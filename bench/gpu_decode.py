@@ -218,8 +218,9 @@ def check_vs_numpy(pf, model, prompt: list[int], n: int) -> dict:
         errs.append(float(np.linalg.norm(lt_ - lr_) / np.linalg.norm(lr_)))
         agree += int(np.argmax(lt_)) == w
         tok = w
+    diff = first_difference(got, want)
     return {"first_equal": int(np.argmax(lt[-1])) == first, "tokens_equal": got == want,
-            "n_equal_prefix": next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), n),
+            "n_equal_prefix": n if diff is None else diff,
             "teacher_forced_agree": agree, "n": n, "max_rel_logit_err": max(errs),
             "min_top2_margin": min(margins), "numpy_tokens": want, "cuda_tokens": got}
 
@@ -249,7 +250,7 @@ def markdown(res: dict) -> str:
     if res.get("klaq_triton_ab"):
         ab = res["klaq_triton_ab"]
         same = "same" if ab["tokens_equal"] else "different"
-        if not ab["tokens_equal"] and ab.get("first_diff") is not None:
+        if ab.get("first_diff") is not None:
             same += f" (from token {ab['first_diff']} of {res['new_tokens']}; each run prefills its own cache)"
         how = "on (`KLAQ_PDL=1`)" if ab["pdl"] else "off (`KLAQ_PDL=0`)"
         lines.append(row(f"the same with programmatic dependent launch {how}; {same} greedy tokens", ab))

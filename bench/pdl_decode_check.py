@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_decode import build_random_package  # noqa: E402
+from gpu_decode import build_random_package, first_difference  # noqa: E402
 
 MODES = {  # name: (KLAQ_PDL, M = 1 launch overrides of the GEMVs)
     "off": ("0", None), "off again": ("0", None), "all": ("1", None),
@@ -91,7 +91,7 @@ def main() -> int:
     for name in args.modes.split(","):
         env, cfg = MODES[name]
         toks, tok_s = run.greedy(env, cfg, args.new_tokens)
-        diff = next((i for i, (a, b) in enumerate(zip(toks, ref, strict=True)) if a != b), None)
+        diff = first_difference(toks, ref)
         logits = run.teacher(env, cfg, ref)
         bad = [i for i, (a, b) in enumerate(zip(logits, ref_logits, strict=True)) if not np.array_equal(a, b)]
         worst = max((float(np.abs(logits[i] - ref_logits[i]).max()) for i in bad), default=0.0)
