@@ -98,6 +98,23 @@ def tall_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, spin: bool 
     return _gluon_ptx(tall._gemm_tall_kernel, [tall.TOKENS, sub // 2], consts)
 
 
+def cluster_ptx(sub: int = 64, has_zero: bool = False, stages: int = 6, ctas: int = 8, per: int = 3) -> str:
+    """The PTX of kernels/gluon_w4a16_cluster.py's kernel (128 x 256 tiles split in K over clusters of ``ctas``
+    programs, ``per`` tiles each) for sm_90a."""
+    from klaq.kernels import gluon_w4a16_cluster as cl
+
+    consts = dict(HAS_ZERO=has_zero, PAIR_GROUP=True, SUB=sub, STAGES=stages, RING=stages, CTAS=ctas, PER=per,
+                  num_warps=cl.WARPS)
+    args = {"x_desc": None, "w_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32",
+            "M": "i32", "N": "i32", "Kw": "i32", "stride_ym": "i32", "group_size": "i32", "n_tiles": "i32",
+            "blocks_m": "i32", "tiles": "i32"}
+    from triton.experimental.gluon import language as gl
+
+    block = [cl.TOKENS, sub // 2]
+    args["x_desc"] = f"tensordesc<fp16[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, gl.float16)!r}>"
+    return _compile_ptx(cl._cluster_kernel, args, consts)
+
+
 def gemv_ptx(block_n: int = 8, wr: int = 1, wq: int = 4, rb: int = 1, stages: int | None = None, sub: int = 64,
              pdl: bool = True) -> str:
     """The PTX of kernels/gluon_gemv.py's M = 1 kernel (``gemv_tma``) for sm_90a at one launch: ``rb``
@@ -202,10 +219,12 @@ def ptxas_report(ptx: str, sass: bool = False) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("wgmma", "tall", "gemv", "gemv_reg", "gemv_mma"), default="wgmma",
+    ap.add_argument("--kernel", choices=("wgmma", "tall", "cluster", "gemv", "gemv_reg", "gemv_mma"), default="wgmma",
                     help="gluon_w4a16's kernel, gluon_w4a16_tall's (128 x 256 tiles; --sub 32 or 64), gluon_gemv's "
                     "M = 1 kernels (gemv: the TMA one, --launch BN:WR:WQ:RB; gemv_reg: --launch BN:WR:WQ:NCH, also "
-                    "reporting its global loads' place in the SASS), or gluon_gemv_mma's (--warps, --tiles)")
+                    "reporting its global loads' place in the SASS), gluon_gemv_mma's (--warps, --tiles), or "
+                    "gluon_w4a16_cluster's (--plan CTAS:PER)")
+    ap.add_argument("--plan", default="8:3", help="cluster: CTAS:PER (programs per cluster, tiles per cluster)")
     ap.add_argument("--warps", type=int, default=8, help="gemv_mma: warps per program")
     ap.add_argument("--tiles", type=int, default=8, help="gemv_mma: 512-code tiles per row (K / 512)")
     ap.add_argument("--launch", help="gemv: BLOCK_N:WR:WQ:RB (rows, warps, row blocks); "
@@ -252,6 +271,11 @@ def main() -> int:
         return 0
     if args.kernel == "tall":
         ptx = tall_ptx(args.sub, args.zero, args.stages, shared=not args.whole_tiles)
+    elif args.kernel == "cluster":
+        ctas, per = map(int, args.plan.split(":"))
+        ptx = cluster_ptx(args.sub, args.zero, args.stages, ctas, per)
+        extra = dict(extra, plan=args.plan, mbarriers=mbarrier_offsets(ptx),
+                     dsmem_stores=len(re.findall(r"st\.shared::cluster", ptx)))
     else:
         ptx = wgmma_ptx(args.block_m, args.sub, args.zero, args.stages, args.module, extra, cluster=args.cluster)
     rep = dict(kernel=args.kernel, whole_tiles=args.whole_tiles, block_m=args.block_m, sub=args.sub, zero=args.zero,
@@ -264,6 +288,8 @@ def main() -> int:
         tiles = f"{args.block_m}-token tiles"
         if args.kernel == "tall":
             tiles = "128 x 256 tiles" + (" (whole tiles only)" if args.whole_tiles else "")
+        if args.kernel == "cluster":
+            tiles = f"128 x 256 tiles over clusters {args.plan}"
         print(f"{args.kernel} kernel, {tiles}, {args.sub}-code slices, "
               f"{'zero points' if args.zero else 'symmetric'}: {rep['registers']} registers, "
               f"spills {rep['spill_stores']} / {rep['spill_loads']} bytes (stores / loads)")

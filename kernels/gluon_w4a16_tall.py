@@ -109,6 +109,68 @@ def _sum_slots(ws_ptr, y_ptr, tile, q0, q1, units, programs, dp, n_tiles, m0, n0
 
 
 @gluon.jit
+def _tile_sum(x_desc, x_smem, bars, w_ptr, s_ptr, o_ptr, N, Kw, group_size, pid_n, m0, t_start, t_end, c,
+              mma: gl.constexpr, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr):
+    """One segment of an output tile: the fp32 partial sum ``[BLOCK_N, BLOCK_M]`` (layout ``mma``) over
+    K-tiles ``[t_start, t_end)`` of weight-row block ``pid_n`` and tokens from ``m0``, and the x ring's
+    count after it (``c``: slices consumed before). The main loop of every 128 x 256 kernel: for each
+    K-tile, for each column half, the four pairs of slices, the next pair dequantized while the tensor
+    cores work on this one."""
+    HS: gl.constexpr = SUB // 2
+    AHEAD: gl.constexpr = STAGES // 2 - 1
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    cols = gl.arange(0, HS, layout=gl.SliceLayout(0, a_layout))
+    n_halves = (t_end - t_start) * 16
+    k_base = t_start * 8 * SUB
+    c0 = c
+    for b in gl.static_range(2 * AHEAD):
+        _issue_half(x_desc, x_smem, bars, m0, k_base, b, n_halves, c0, SUB, STAGES)
+    rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout)), N - 1)
+    w_ptrs = w_ptr + gl.expand_dims(rows, 1) * Kw + gl.expand_dims(cols, 0)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    words = gl.load(w_ptrs + t_start * SUB)
+    p0s, p0o, p1s, p1o, p2s, p2o, p3s, p3o = _tile_packed(s_ptr, o_ptr, t_start * 8 * SUB, SUB, rows, N,
+                                                          group_size, HAS_ZERO, PAIR_GROUP)
+    a0, a1 = _dq_pair(words, 0, p0s, p0o, HAS_ZERO)
+    for t in range(t_start, t_end):
+        tn = gl.minimum(t + 1, t_end - 1)
+        for h in gl.static_range(2):
+            # the next column half's words (this tile's second half, or the next tile's first)
+            if h == 0:
+                nw = gl.load(w_ptrs + t * SUB + HS)
+            else:
+                nw = gl.load(w_ptrs + tn * SUB)
+                (ns0a, ns0b, no0a, no0b, ns1a, ns1b, no1a, no1b, ns2a, ns2b, no2a, no2b, ns3a, ns3b, no3a,
+                 no3b) = _tile_scales(s_ptr, o_ptr, tn * 8 * SUB, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
+            for p in gl.static_range(4):
+                tok = _mma_pair(a0, a1, x_smem, bars, c, acc, STAGES)
+                j = c - c0 + 2 * AHEAD
+                _issue_half(x_desc, x_smem, bars, m0, k_base, j, n_halves, c0, SUB, STAGES)
+                _issue_half(x_desc, x_smem, bars, m0, k_base, j + 1, n_halves, c0, SUB, STAGES)
+                if p == 0:
+                    b0, b1 = _dq_pair(words, 1, p1s, p1o, HAS_ZERO)
+                elif p == 1:
+                    b0, b1 = _dq_pair(words, 2, p2s, p2o, HAS_ZERO)
+                elif p == 2:
+                    b0, b1 = _dq_pair(words, 3, p3s, p3o, HAS_ZERO)
+                elif h == 0:
+                    b0, b1 = _dq_pair(nw, 0, p0s, p0o, HAS_ZERO)
+                else:
+                    p0s, p0o = _packed(ns0a, ns0b, no0a, no0b, HAS_ZERO)
+                    b0, b1 = _dq_pair(nw, 0, p0s, p0o, HAS_ZERO)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
+                a0 = b0
+                a1 = b1
+                c += 2
+            words = nw
+        p1s, p1o = _packed(ns1a, ns1b, no1a, no1b, HAS_ZERO)
+        p2s, p2o = _packed(ns2a, ns2b, no2a, no2b, HAS_ZERO)
+        p3s, p3o = _packed(ns3a, ns3b, no3a, no3b, HAS_ZERO)
+    return acc, c
+
+
+@gluon.jit
 def _gemm_tall_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Kw, stride_ym, group_size,
                       n_tiles, blocks_m, units, dp, HAS_ZERO: gl.constexpr, PAIR_GROUP: gl.constexpr,
                       BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr,
@@ -124,9 +186,7 @@ def _gemm_tall_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
     HS: gl.constexpr = SUB // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-    AHEAD: gl.constexpr = STAGES // 2 - 1
 
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
@@ -138,58 +198,13 @@ def _gemm_tall_kernel(x_desc, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(STAGES):
         mbarrier.init(bars.index(b), count=1)
-    cols = gl.arange(0, HS, layout=gl.SliceLayout(0, a_layout))
     c = 0
     while u < u_end:
         tile, t_start, t_end, pid_n, m0 = _segment(u, u_end, n_tiles, blocks_m, BLOCK_M)
         u_seg = u
         u += t_end - t_start
-        n_halves = (t_end - t_start) * 16
-        k_base = t_start * 8 * SUB
-        c0 = c
-        for b in gl.static_range(2 * AHEAD):
-            _issue_half(x_desc, x_smem, bars, m0, k_base, b, n_halves, c0, SUB, STAGES)
-        rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout)), N - 1)
-        w_ptrs = w_ptr + gl.expand_dims(rows, 1) * Kw + gl.expand_dims(cols, 0)
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-        words = gl.load(w_ptrs + t_start * SUB)
-        p0s, p0o, p1s, p1o, p2s, p2o, p3s, p3o = _tile_packed(s_ptr, o_ptr, t_start * 8 * SUB, SUB, rows, N,
-                                                              group_size, HAS_ZERO, PAIR_GROUP)
-        a0, a1 = _dq_pair(words, 0, p0s, p0o, HAS_ZERO)
-        for t in range(t_start, t_end):
-            tn = gl.minimum(t + 1, t_end - 1)
-            for h in gl.static_range(2):
-                # the next column half's words (this tile's second half, or the next tile's first)
-                if h == 0:
-                    nw = gl.load(w_ptrs + t * SUB + HS)
-                else:
-                    nw = gl.load(w_ptrs + tn * SUB)
-                    (ns0a, ns0b, no0a, no0b, ns1a, ns1b, no1a, no1b, ns2a, ns2b, no2a, no2b, ns3a, ns3b, no3a,
-                     no3b) = _tile_scales(s_ptr, o_ptr, tn * 8 * SUB, SUB, rows, N, group_size, HAS_ZERO, PAIR_GROUP)
-                for p in gl.static_range(4):
-                    tok = _mma_pair(a0, a1, x_smem, bars, c, acc, STAGES)
-                    j = c - c0 + 2 * AHEAD
-                    _issue_half(x_desc, x_smem, bars, m0, k_base, j, n_halves, c0, SUB, STAGES)
-                    _issue_half(x_desc, x_smem, bars, m0, k_base, j + 1, n_halves, c0, SUB, STAGES)
-                    if p == 0:
-                        b0, b1 = _dq_pair(words, 1, p1s, p1o, HAS_ZERO)
-                    elif p == 1:
-                        b0, b1 = _dq_pair(words, 2, p2s, p2o, HAS_ZERO)
-                    elif p == 2:
-                        b0, b1 = _dq_pair(words, 3, p3s, p3o, HAS_ZERO)
-                    elif h == 0:
-                        b0, b1 = _dq_pair(nw, 0, p0s, p0o, HAS_ZERO)
-                    else:
-                        p0s, p0o = _packed(ns0a, ns0b, no0a, no0b, HAS_ZERO)
-                        b0, b1 = _dq_pair(nw, 0, p0s, p0o, HAS_ZERO)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
-                    a0 = b0
-                    a1 = b1
-                    c += 2
-                words = nw
-            p1s, p1o = _packed(ns1a, ns1b, no1a, no1b, HAS_ZERO)
-            p2s, p2o = _packed(ns2a, ns2b, no2a, no2b, HAS_ZERO)
-            p3s, p3o = _packed(ns3a, ns3b, no3a, no3b, HAS_ZERO)
+        acc, c = _tile_sum(x_desc, x_smem, bars, w_ptr, s_ptr, o_ptr, N, Kw, group_size, pid_n, m0, t_start, t_end,
+                           c, mma, HAS_ZERO, PAIR_GROUP, BLOCK_N, BLOCK_M, SUB, STAGES)
 
         if not SHARED or t_end - t_start == n_tiles:
             _store_y(y_ptr, acc, m0, pid_n * BLOCK_N, M, N, stride_ym, out_l)

@@ -136,3 +136,19 @@ def test_x_loaded_at_each_pairs_turn_is_reported_late(tmp_path):
     path.write_text(variant)
     rep = report("--kernel", "gemv_reg", "--module", str(path))
     assert rep["late"] > 0, rep
+
+
+# Spills after the main loop only (the exchange's per-element addresses beside the 128-register accumulator):
+# 104 / 108 bytes under Triton 3.9's ptxas, 216 / 216 under Triton 3.6's (the H100's); in 3.6's SASS every STL / LDL comes after the last HGMMA
+@pytest.mark.parametrize("args", [(), ("--zero", "--plan", "4:1"), ("--sub", "32", "--plan", "2:2")])
+def test_the_cluster_kernel_keeps_its_exchange_area_clear_of_the_mbarriers(args):
+    """kernels/gluon_w4a16_cluster.py: the reduce-scatter writes up to 96 KB (three warps' rows from each of
+    two senders, 16 KB a warp) at the start of an owner's shared memory, which the x ring's 6 stages of
+    256 x 32 codes (16 KB each) cover and where no mbarrier lies; each thread sends its 128 accumulator values
+    through distributed shared memory (one ``st.shared::cluster`` each); the MMAs stay asynchronous."""
+    rep = report("--kernel", "cluster", *args)
+    ring = 6 * 256 * (16 if "--sub" in args else 32) * 2
+    assert rep["mbarriers"] and min(rep["mbarriers"]) >= ring, rep
+    assert rep["dsmem_stores"] == 128, rep
+    assert not rep["serialized"] and 0 < rep["registers"] <= 255, rep
+    assert rep["spill_stores"] <= 256 and rep["spill_loads"] <= 256, rep
