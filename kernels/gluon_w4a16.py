@@ -441,11 +441,14 @@ def tokens_per_tile(m: int, n: int, sms: int, block_n: int = 64, block_m: int | 
 
 
 def gemm_prefill(x: torch.Tensor, w: TritonW4) -> torch.Tensor:
-    """The dispatch's Hopper kernel for M > 16: gluon_w4a16_tall's 128 x 256 tiles where
+    """The dispatch's Hopper kernel for M > 16: gluon_w4a16_cluster's split 128 x 256 tiles where
+    :func:`~klaq.kernels.gluon_w4a16_cluster.use_cluster` takes them, gluon_w4a16_tall's whole ones where
     :func:`~klaq.kernels.gluon_w4a16_tall.use_tall` says they are faster, else :func:`gemm_wgmma`."""
-    from klaq.kernels import gluon_w4a16_tall  # imports this module: not at the top
+    from klaq.kernels import gluon_w4a16_cluster, gluon_w4a16_tall  # they import this module: not at the top
 
     x2 = x.reshape(-1, w.in_features)
+    if gluon_w4a16_cluster.use_cluster(x2.shape[0], w, _sm_count(x.device)):
+        return gluon_w4a16_cluster.gemm_cluster(x, w)
     if gluon_w4a16_tall.use_tall(x2.shape[0], w, _sm_count(x.device)):
         return gluon_w4a16_tall.gemm_tall(x, w)
     return gemm_wgmma(x, w)

@@ -27,6 +27,7 @@ kernel for sm_90a (tests/bench/test_wgmma_ptxas.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -218,6 +219,16 @@ def best_plan(tiles: int, k_tiles: int, sms: int) -> Plan | None:
     whole = k_tiles * triton.cdiv(tiles, sms)
     ranked = sorted(plans(tiles, k_tiles, sms), key=lambda p: (p.longest(k_tiles), p.clusters * p.per, p.ctas))
     return ranked[0] if ranked and ranked[0].longest(k_tiles) < whole else None
+
+
+def use_cluster(m: int, w: TritonW4, sms: int) -> bool:
+    """Whether the dispatch (gluon_w4a16.gemm_prefill) takes this kernel: ``KLAQ_CLUSTER_SPLIT=1`` (read at each
+    call; off by default until timed on a GPU), more than 128 tokens, slices that split in k16 halves, and a
+    plan that beats one tile per program (:func:`best_plan`)."""
+    if os.environ.get("KLAQ_CLUSTER_SPLIT", "0") != "1" or m <= 128 or not tall_ok(w):
+        return False
+    tiles = triton.cdiv(w.out_features, BLOCK_N) * triton.cdiv(m, TOKENS)
+    return best_plan(tiles, w.n_tiles, sms) is not None
 
 
 def gemm_cluster(x: torch.Tensor, w: TritonW4, ctas: int | None = None, per: int | None = None,

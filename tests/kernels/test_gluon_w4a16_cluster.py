@@ -128,3 +128,15 @@ def test_cluster_repeats_bit_exactly():
     out = torch.stack([cluster().gemm_cluster(x, w) for _ in range(100)])
     differ = (out != out[0]).flatten(1).any(dim=1)
     assert int(differ.sum()) == 0, f"{int(differ.sum())} of 100 calls differ from the first"
+
+
+def test_the_dispatch_takes_the_cluster_kernel_only_when_switched_on(monkeypatch):
+    """``KLAQ_CLUSTER_SPLIT=1``, more than 128 tokens and a plan that beats one tile per program."""
+    cl = cluster()
+    w = repack(random_qweight(6144, 512, 128, False), "cpu")  # 48 tiles at M = 256; block_k 512, 1 K-tile
+    big = repack(random_qweight(6144, 4096, 128, False), "cpu")  # 8 K-tiles
+    monkeypatch.delenv("KLAQ_CLUSTER_SPLIT", raising=False)
+    assert not cl.use_cluster(256, big, 132)
+    monkeypatch.setenv("KLAQ_CLUSTER_SPLIT", "1")
+    assert cl.use_cluster(256, big, 132) and not cl.use_cluster(128, big, 132)
+    assert not cl.use_cluster(256, w, 132)  # one K-tile per tile: a share cannot be shorter than a whole tile
