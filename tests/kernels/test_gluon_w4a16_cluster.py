@@ -47,6 +47,79 @@ def check_plan(ctas: int, per: int, n: int) -> None:
             assert covered == list(range(n)), (ctas, per, n, j, ranges)
 
 
+def exchange(ctas: int, per: int, n: int, seed: int = 0) -> None:
+    """The kernel's exchange, element by element in numpy with its own index arithmetic (``_thread_pos``,
+    ``owner``, ``w0``, ``nthreads``, ``slot``, ``at``, ``where``): integer-valued parts, so that any part
+    lost, doubled or read from the wrong slot shows; every write inside the owner's exchange area (what
+    ``Plan.exchange_bytes`` sizes) and none on another's."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    parts = rng.integers(-8, 8, (per, n, 128, 256)).astype(np.float64)  # each (tile, K-tile)'s product
+    L = per * n
+    r_ = np.arange(128)[:, None]
+    col = np.arange(256)[None, :]
+    rr = r_ % 16
+    warp, lane = r_ // 16, (rr % 8) * 4 + (col % 8) // 2
+    i = (col // 8) * 4 + (rr // 8) * 2 + col % 2
+    assert len(np.unique((i * 256 + warp * 32 + lane).ravel())) == 128 * 256  # a bijection onto the tile
+    holder = lambda kt: ((kt + 1) * ctas - 1) // L  # noqa: E731
+    area = max((r - 1) * -(-8 // r) * 32 * 128 for r in
+               [sum((((q + 1) * L // ctas) - 1) // n == j for q in range(ctas)) for j in range(per)])
+    ring = np.full((ctas, area), np.nan)
+    ws = np.full((per, 128 * 256), np.nan)
+    acc, meta = {}, {}
+    for q in range(ctas):
+        b, e = q * L // ctas, (q + 1) * L // ctas
+        u = b
+        while u < e:
+            j, t0 = divmod(u, n)
+            t1 = min(n, t0 + e - u)
+            a = parts[j, t0:t1].sum(axis=0)
+            u += t1 - t0
+            if u < e:
+                ws[j, (i * 256 + warp * 32 + lane).ravel()] = a.ravel()
+        acc[q] = a
+        jf = (e - 1) // n
+        first, last = holder(jf * n), holder((jf + 1) * n - 1)
+        tail = (last + 1) * L // ctas > (jf + 1) * n
+        r = last - first + 1 - int(tail)
+        k = q - first
+        owner = warp * r // 8 + 0 * col
+        w0 = (owner * 8 + r - 1) // r
+        nthreads = ((owner + 1) * 8 + r - 1) // r * 32 - w0 * 32
+        meta[q] = (jf, first, r, k, tail, owner, w0, nthreads)
+        slot = k - (k > owner)
+        at = slot * (nthreads * 128) + i * nthreads + (warp * 32 + lane - w0 * 32)
+        send = owner != k
+        assert (at[send] >= 0).all() and (at[send] < (r - 1) * nthreads[send] * 128).all()
+        dest = first + owner[send]
+        assert np.isnan(ring[dest, at[send]]).all()  # no two writes on one word
+        ring[dest, at[send]] = a[send]
+    y = np.full((per, 128, 256), np.nan)
+    for q in range(ctas):
+        jf, first, r, k, tail, owner, w0, nthreads = meta[q]
+        mine = owner == k
+        total = acc[q].copy()
+        for s in range(r):
+            if s != k:
+                where = (s - (s > k)) * (nthreads * 128) + i * nthreads + (warp * 32 + lane - w0 * 32)
+                total[mine] += ring[q, where[mine]]
+        if tail:
+            total[mine] += ws[jf, (i * 256 + warp * 32 + lane)[mine]]
+        assert np.isnan(y[jf][mine]).all()
+        y[jf][mine] = total[mine]
+    np.testing.assert_array_equal(y, parts.sum(axis=1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 28])
+def test_the_exchange_delivers_every_part_once(n):
+    for ctas in (2, 4, 8):
+        for per in range(1, ctas + 1):
+            if per * n >= ctas:
+                exchange(ctas, per, n, seed=ctas * 100 + per * 10 + n)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 16, 28])
 def test_every_plan_sums_each_tile_once(n):
     """All cluster sizes and tiles per cluster the launch allows, over K-tile counts from 1 to 28."""
@@ -140,3 +213,20 @@ def test_the_dispatch_takes_the_cluster_kernel_only_when_switched_on(monkeypatch
     monkeypatch.setenv("KLAQ_CLUSTER_SPLIT", "1")
     assert cl.use_cluster(256, big, 132) and not cl.use_cluster(128, big, 132)
     assert not cl.use_cluster(256, w, 132)  # one K-tile per tile: a share cannot be shorter than a whole tile
+
+
+def test_the_exchange_mirror_uses_the_kernels_own_index_arithmetic():
+    """:func:`exchange` stands in for a kernel that cannot run here: its index expressions must be the
+    kernel's, character for character (but for ``_WARPS`` = 8 and the kernel's int32 casts)."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    source = Path(cluster().__file__).read_text().replace("_WARPS", "8").replace(".to(gl.int32)", "")
+    mirror = inspect.getsource(exchange)
+    names = ["lane", "i", "owner", "w0", "nthreads", "slot", "at", "where"]
+    for name in names:
+        found = re.findall(rf"^\s*{name} = (.+)$", source, re.M)
+        assert found, name
+        for expr in found:
+            assert expr.split("#")[0].strip() in mirror, (name, expr)
