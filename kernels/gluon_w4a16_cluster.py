@@ -37,7 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from klaq.kernels.gluon_w4a16 import _cluster_launch, _cluster_sync, _cta_barrier, _sm_count
+from klaq.kernels.gluon_w4a16 import _cluster_launch, _cluster_sync, _cta_barrier, _slots, _sm_count
 from klaq.kernels.gluon_w4a16_tall import BLOCK_N, TOKENS, _tile_sum, tall_ok
 from klaq.kernels.triton_w4a16 import TritonW4
 
@@ -243,7 +243,9 @@ def gemm_cluster(x: torch.Tensor, w: TritonW4, ctas: int | None = None, per: int
     m, n = x2.shape[0], w.out_features
     blocks_m = triton.cdiv(m, TOKENS)
     tiles = triton.cdiv(n, BLOCK_N) * blocks_m
-    if ctas is None or per is None:
+    if (ctas is None) != (per is None):
+        raise ValueError("clusters of ctas programs over per tiles: give both, or neither for the default plan")
+    if ctas is None:
         plan = best_plan(tiles, w.n_tiles, _sm_count(x.device))
         if plan is None:
             plan = Plan(2, 2, triton.cdiv(tiles, 2)) if tiles > 1 else Plan(2, 1, 1)
@@ -258,7 +260,7 @@ def gemm_cluster(x: torch.Tensor, w: TritonW4, ctas: int | None = None, per: int
     layout = gl.NVMMASharedLayout.get_default_for([TOKENS, hs], gl.float16)
     x_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [TOKENS, hs], layout)
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)
-    ws = _tails(x.device, plan.clusters * plan.per * PART)
+    ws = _slots(x.device, plan.clusters * plan.per * PART)  # the early tails: written before they are read
     offsets = w.offsets if w.offsets is not None else w.scales
     _cluster_launch(_cluster_kernel, plan.programs, plan.ctas, x_desc, w.qweight, w.scales, offsets, y, ws, m, n,
                     w.qweight.shape[1], y.stride(0), w.group_size, w.n_tiles, blocks_m, tiles,
@@ -266,13 +268,3 @@ def gemm_cluster(x: torch.Tensor, w: TritonW4, ctas: int | None = None, per: int
                     STAGES=stages, RING=ring, CTAS=plan.ctas, PER=plan.per, num_warps=WARPS)
     return y.reshape(*x.shape[:-1], n)
 
-
-_TAILS: dict = {}
-
-
-def _tails(device, floats: int) -> torch.Tensor:
-    """The early segments' partial tiles: written before they are read in a call."""
-    buf = _TAILS.get(device)
-    if buf is None or buf.numel() < floats:
-        buf = _TAILS[device] = torch.empty(floats, device=device)
-    return buf

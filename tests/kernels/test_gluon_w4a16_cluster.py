@@ -164,6 +164,8 @@ def test_cluster_refuses_bad_plans_before_launch():
     for ctas, per in [(3, 1), (2, 3), (8, 1)]:  # not a cluster size; per > ctas; 2 K-tiles for 8 programs
         with pytest.raises(ValueError, match="clusters of"):
             cl.gemm_cluster(x, w, ctas=ctas, per=per)
+    with pytest.raises(ValueError, match="give both"):
+        cl.gemm_cluster(x, w, ctas=4)
     with pytest.raises(ValueError, match="stages must be at least 4"):
         cl.gemm_cluster(x, w, stages=3)
 
