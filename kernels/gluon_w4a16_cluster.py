@@ -35,10 +35,9 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from klaq.kernels.gluon_w4a16 import _cluster_launch, _cluster_sync, _cta_barrier, _slots, _sm_count
-from klaq.kernels.gluon_w4a16_tall import BLOCK_N, TOKENS, _tile_sum, tall_ok
+from klaq.kernels.gluon_w4a16_tall import BLOCK_N, TOKENS, _tile_sum, tall_input, tall_ok
 from klaq.kernels.triton_w4a16 import TritonW4
 
 WARPS = 8  # two warpgroups: warp w holds weight rows 16w .. 16w + 15 of the tile
@@ -221,6 +220,12 @@ def best_plan(tiles: int, k_tiles: int, sms: int) -> Plan | None:
     return ranked[0] if ranked and ranked[0].longest(k_tiles) < whole else None
 
 
+def default_plan(tiles: int, k_tiles: int, sms: int) -> Plan:
+    """:func:`best_plan`, else clusters of 2 over 2 tiles (about one tile per program; every share at least
+    one K-tile, whatever the tile and K-tile counts)."""
+    return best_plan(tiles, k_tiles, sms) or Plan(2, 2, triton.cdiv(tiles, 2))
+
+
 def use_cluster(m: int, w: TritonW4, sms: int) -> bool:
     """Whether the dispatch (gluon_w4a16.gemm_prefill) takes this kernel: ``KLAQ_CLUSTER_SPLIT=1`` (read at each
     call; off by default until timed on a GPU), more than 128 tokens, slices that split in k16 halves, and a
@@ -235,30 +240,21 @@ def gemm_cluster(x: torch.Tensor, w: TritonW4, ctas: int | None = None, per: int
                  stages: int = 6) -> torch.Tensor:
     """``x @ W.T`` for fp16 ``x [M, K]`` on Hopper: 128 x 256 tiles, clusters of ``ctas`` programs over
     ``per`` tiles (default: :func:`best_plan`; one tile per program where no plan beats it)."""
-    if stages < 4:
-        raise ValueError(f"stages must be at least 4, got {stages}")
-    if not tall_ok(w):
-        raise ValueError(f"the 128 x 256 kernels need block_k >= 256 (half-slices of 16 codes), got {w.block_k}")
-    x2 = x.reshape(-1, w.in_features)
+    x2, x_desc = tall_input(x, w, stages)
     m, n = x2.shape[0], w.out_features
     blocks_m = triton.cdiv(m, TOKENS)
     tiles = triton.cdiv(n, BLOCK_N) * blocks_m
     if (ctas is None) != (per is None):
         raise ValueError("clusters of ctas programs over per tiles: give both, or neither for the default plan")
     if ctas is None:
-        plan = best_plan(tiles, w.n_tiles, _sm_count(x.device))
-        if plan is None:
-            plan = Plan(2, 2, triton.cdiv(tiles, 2)) if tiles > 1 else Plan(2, 1, 1)
+        plan = default_plan(tiles, w.n_tiles, _sm_count(x.device))
     else:
         if ctas not in CLUSTER_SIZES or not 1 <= per <= ctas or per * w.n_tiles < ctas:
             raise ValueError(f"clusters of {ctas} over {per} tiles of {w.n_tiles} K-tiles: need ctas in "
                              f"{CLUSTER_SIZES}, 1 <= per <= ctas and per * k_tiles >= ctas")
         plan = Plan(ctas, per, triton.cdiv(tiles, per))
-    hs = w.block_k // 16
-    stage_bytes = TOKENS * hs * 2
+    stage_bytes = TOKENS * (w.block_k // 16) * 2
     ring = max(stages, -(-plan.exchange_bytes(w.n_tiles) // stage_bytes))
-    layout = gl.NVMMASharedLayout.get_default_for([TOKENS, hs], gl.float16)
-    x_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [TOKENS, hs], layout)
     y = torch.empty((m, n), device=x.device, dtype=torch.float16)
     ws = _slots(x.device, plan.clusters * plan.per * PART)  # the early tails: written before they are read
     offsets = w.offsets if w.offsets is not None else w.scales

@@ -263,21 +263,27 @@ def use_tall(m: int, w: TritonW4, sms: int) -> bool:
     return m > 128 and tall_ok(w) and 3 * tiles >= 2 * sms
 
 
+def tall_input(x: torch.Tensor, w: TritonW4, stages: int) -> tuple[torch.Tensor, TensorDescriptor]:
+    """The checks every 128 x 256 kernel makes before launch, then ``x`` as ``[M, K]`` and its TMA descriptor
+    of 256 tokens x a half-slice."""
+    if stages < 4:
+        raise ValueError(f"stages must be at least 4, got {stages}")
+    if not tall_ok(w):
+        raise ValueError(f"the 128 x 256 kernel needs block_k >= 256 (half-slices of 16 codes), got {w.block_k}")
+    x2 = x.reshape(-1, w.in_features)
+    hs = w.block_k // 16
+    layout = gl.NVMMASharedLayout.get_default_for([TOKENS, hs], gl.float16)
+    return x2, TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [TOKENS, hs], layout)
+
+
 def gemm_tall(x: torch.Tensor, w: TritonW4, stages: int = 6, programs: int | None = None,
               dp: int | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp16 ``x [M, K]`` on Hopper, 128 weight rows x 256 tokens per output tile.
 
     ``programs``: the persistent grid and ``dp``: how many of its programs take whole tiles before
     the rest share what is left (stream-K; :func:`default_programs`: one program per tile)."""
-    if stages < 4:
-        raise ValueError(f"stages must be at least 4, got {stages}")
-    if not tall_ok(w):
-        raise ValueError(f"the 128 x 256 kernel needs block_k >= 256 (half-slices of 16 codes), got {w.block_k}")
-    x2 = x.reshape(-1, w.in_features)
+    x2, x_desc = tall_input(x, w, stages)
     m, n = x2.shape[0], w.out_features
-    hs = w.block_k // 16
-    layout = gl.NVMMASharedLayout.get_default_for([TOKENS, hs], gl.float16)
-    x_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [TOKENS, hs], layout)
     blocks_m = triton.cdiv(m, TOKENS)
     tiles = triton.cdiv(n, BLOCK_N) * blocks_m
     if programs is None:

@@ -157,6 +157,17 @@ def test_best_plans_for_the_llama_shapes():
     assert cl.best_plan(448, 8, 132) is None  # more tiles than programs: a cluster holds at most 8 tiles
 
 
+@pytest.mark.parametrize("tiles,n", [(1, 1), (1, 8), (3, 1), (448, 8), (132, 8)])
+def test_the_default_plan_gives_every_program_a_share(tiles, n):
+    """Where no plan beats one tile per program (one tile of one K-tile, more tiles than SMs), the fallback
+    still gives every program at least one K-tile and sums each tile once."""
+    cl = cluster()
+    plan = cl.default_plan(tiles, n, 132)
+    assert all(e > b for b, e in plan.shares(n)) and plan.clusters * plan.per >= tiles
+    check_plan(plan.ctas, plan.per, n)
+    exchange(plan.ctas, plan.per, n)
+
+
 def test_cluster_refuses_bad_plans_before_launch():
     cl = cluster()
     w = repack(random_qweight(256, 1024, 128, False), "cpu")
